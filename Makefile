@@ -1,0 +1,28 @@
+# vaekl: `make demo` runs the main job, `make test` runs the test suite.
+# Both create .venv and install the package with its dev extra if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m launch.demo --workdir=runs/demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kl.py
+
+clean:
+	rm -rf $(VENV) runs

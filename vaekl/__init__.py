@@ -1,0 +1,1 @@
+"""vaekl: closed-form Gaussian KL divergences and Flax VAEs."""
