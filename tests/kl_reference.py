@@ -50,3 +50,24 @@ def lognormal_pdf_np(x, mean, cov) -> np.ndarray:
     from scipy import stats
 
     return stats.multivariate_normal(mean=mean, cov=cov).logpdf(x)
+
+
+def kl_chain_rule_np(mq, lq, mp, lp) -> np.ndarray:
+    """[k] per-dimension KLs E_q[KL(q(zᵢ|z<ᵢ) || p(zᵢ|z<ᵢ))] from conditional Gaussians, float64."""
+    mq, lq, mp, lp = (np.asarray(a, np.float64) for a in (mq, lq, mp, lp))
+    sq, sp = np.tril(lq) @ np.tril(lq).T, np.tril(lp) @ np.tril(lp).T
+    out = []
+    for i in range(mq.shape[-1]):
+        if i == 0:
+            bq = bp = np.zeros(0)
+            vq, vp = sq[0, 0], sp[0, 0]
+        else:
+            bq = np.linalg.solve(sq[:i, :i], sq[:i, i])
+            bp = np.linalg.solve(sp[:i, :i], sp[:i, i])
+            vq, vp = sq[i, i] - sq[i, :i] @ bq, sp[i, i] - sp[i, :i] @ bp
+        # Conditional means: mq_i + bqᵀ(z − mq<i) and mp_i + bpᵀ(z − mp<i), z ~ q(z<i).
+        c = mq[i] - mp[i] + bp @ (mp[:i] - mq[:i])
+        b = bq - bp
+        mean_sq = c**2 + b @ sq[:i, :i] @ b
+        out.append(0.5 * (vq / vp - 1 - np.log(vq / vp) + mean_sq / vp))
+    return np.array(out)

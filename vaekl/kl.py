@@ -14,8 +14,10 @@ Conventions shared by every function here:
     (or per batch element and latent dimension with ``per_dim=True``);
   * inputs are promoted to at least float32; float64 is kept when enabled.
 
-Each function is written for one example and vectorized with ``jnp.vectorize``
-(i.e. ``jax.vmap``); all are jittable and differentiable.
+The diagonal cases are elementwise and broadcast directly; the full-covariance
+cases are written for one example and vectorized with ``jnp.vectorize`` (i.e.
+``jax.vmap``). All are jittable and differentiable, and every function can
+return per-dimension values (``per_dim=True``).
 
 Numerics. The totals are never formed by adding the four terms, which cancel
 catastrophically when q ≈ p (trace ≈ k, log_det_ratio ≈ 0). Instead each
@@ -140,27 +142,52 @@ def _check_event(fn: str, names: tuple[str, ...], arrays, matrix: tuple[bool, ..
         raise ValueError(f"{fn}: batch shapes do not broadcast: {got}.") from None
 
 
+# --------------------------------------------------------------------------------------
+# Every case reduces to three per-dimension parts [..., k]:
+#   d   = log σq,ᵢ² − log σp,ᵢ²  (log-variance ratio in whitened coordinates),
+#   off = Σ_{j<i} Mᵢⱼ²            (off-diagonal part of M = Lp⁻¹Lq, 0 for diagonal cases),
+#   a2  = aᵢ², a = Lp⁻¹(μp − μq)  (whitened mean difference),
+# with per-dimension KL ½(exp(d) − 1 − d + off + a2) and terms
+# (trace, mahalanobis, log_det_ratio, dim) = (exp(d) + off, a2, −d, 1).
+
+
+def _kl_from_parts(d, off, a2, per_dim: bool) -> jax.Array:
+    out = 0.5 * (expm1_minus_x(d) + off + a2)
+    return out if per_dim else out.sum(-1)
+
+
+def _terms_from_parts(d, off, a2, per_dim: bool) -> KLTerms:
+    terms = KLTerms(jnp.exp(d) + off, a2, -d, jnp.ones_like(d))
+    return terms if per_dim else KLTerms(*(t.sum(-1) for t in terms))
+
+
 def kl_normal(mean_q, log_var_q, mean_p, log_var_p) -> jax.Array:
     """KL(N(mean_q, exp(log_var_q)) || N(mean_p, exp(log_var_p))) for univariate Gaussians.
 
     Elementwise over broadcast inputs (no event axis); nats.
     """
-    mean_q, log_var_q, mean_p, log_var_p = _float(mean_q, log_var_q, mean_p, log_var_p)
-    d = log_var_q - log_var_p
-    z = (mean_q - mean_p) * jnp.exp(-0.5 * log_var_p)
-    return 0.5 * (expm1_minus_x(d) + jnp.square(z))
+    d, _, a2 = _diag_parts(*_float(mean_q, log_var_q, mean_p, log_var_p))
+    return _kl_from_parts(d, 0.0, a2, per_dim=True)
 
 
 # --------------------------------------------------------------------------------------
-# Diagonal Gaussian vs N(0, I).
+# Diagonal covariances: elementwise, so batch axes broadcast without vectorization.
 
 
-def _std_normal_per_dim(mean, log_var):
-    return 0.5 * (expm1_minus_x(log_var) + jnp.square(mean))
+def _std_normal_parts(mean, log_var):
+    d, a2 = jnp.broadcast_arrays(log_var, jnp.square(mean))
+    return d, 0.0, a2
 
 
-def _std_normal_terms_per_dim(mean, log_var):
-    return jnp.exp(log_var), jnp.square(mean), -log_var, jnp.ones_like(log_var)
+def _diag_parts(mean_q, log_var_q, mean_p, log_var_p):
+    d = log_var_q - log_var_p
+    a2 = jnp.square((mean_q - mean_p) * jnp.exp(-0.5 * log_var_p))
+    d, a2 = jnp.broadcast_arrays(d, a2)
+    return d, 0.0, a2
+
+
+_STD_NAMES = ("mean", "log_var")
+_DIAG_NAMES = ("mean_q", "log_var_q", "mean_p", "log_var_p")
 
 
 def kl_std_normal(mean, log_var, *, per_dim: bool = False) -> jax.Array:
@@ -169,42 +196,20 @@ def kl_std_normal(mean, log_var, *, per_dim: bool = False) -> jax.Array:
     Args:
       mean: [..., k] posterior means.
       log_var: [..., k] posterior log-variances.
-      per_dim: if True, return the [..., k] per-dimension KLs instead of the sum.
+      per_dim: if True, return the [..., k] per-dimension KLs instead of their sum.
     Returns:
       [...] (or [..., k]) KL in nats.
     """
-    mean, log_var = _float(mean, log_var)
-    _check_event("kl_std_normal", ("mean", "log_var"), (mean, log_var), (False, False))
-    sig = "(k),(k)->(k)" if per_dim else "(k),(k)->()"
-    fn = _std_normal_per_dim if per_dim else (lambda m, v: _std_normal_per_dim(m, v).sum(-1))
-    return jnp.vectorize(fn, signature=sig)(mean, log_var)
+    args = _float(mean, log_var)
+    _check_event("kl_std_normal", _STD_NAMES, args, (False, False))
+    return _kl_from_parts(*_std_normal_parts(*args), per_dim)
 
 
 def kl_std_normal_terms(mean, log_var, *, per_dim: bool = False) -> KLTerms:
-    """The terms of :func:`kl_std_normal`: (Σ exp(v), Σ μ², −Σ v, k), each [...] or [..., k]."""
-    mean, log_var = _float(mean, log_var)
-    _check_event("kl_std_normal_terms", ("mean", "log_var"), (mean, log_var), (False, False))
-    return _vectorized_terms(_std_normal_terms_per_dim, per_dim, mean, log_var)
-
-
-def _vectorized_terms(per_dim_fn, per_dim: bool, *args) -> KLTerms:
-    """Vectorizes a per-example, per-dimension terms function; optionally sums over k."""
-    if per_dim:
-        out = jnp.vectorize(per_dim_fn, signature=",".join(["(k)"] * len(args)) + "->(k),(k),(k),(k)")
-    else:
-        out = jnp.vectorize(lambda *a: tuple(t.sum(-1) for t in per_dim_fn(*a)),
-                            signature=",".join(["(k)"] * len(args)) + "->(),(),(),()")
-    return KLTerms(*out(*args))
-
-
-# --------------------------------------------------------------------------------------
-# Diagonal Gaussian vs diagonal Gaussian.
-
-
-def _diag_terms_per_dim(mean_q, log_var_q, mean_p, log_var_p):
-    d = log_var_q - log_var_p
-    z = (mean_q - mean_p) * jnp.exp(-0.5 * log_var_p)
-    return jnp.exp(d), jnp.square(z), -d, jnp.ones_like(d)
+    """Terms of :func:`kl_std_normal`: (Σ exp(v), Σ μ², −Σ v, k), each [...] or [..., k]."""
+    args = _float(mean, log_var)
+    _check_event("kl_std_normal_terms", _STD_NAMES, args, (False, False))
+    return _terms_from_parts(*_std_normal_parts(*args), per_dim)
 
 
 def kl_diag(mean_q, log_var_q, mean_p, log_var_p, *, per_dim: bool = False) -> jax.Array:
@@ -215,26 +220,30 @@ def kl_diag(mean_q, log_var_q, mean_p, log_var_p, *, per_dim: bool = False) -> j
     Args:
       mean_q, log_var_q: [..., k] posterior mean and log-variance.
       mean_p, log_var_p: [..., k] prior mean and log-variance (broadcast, e.g. [k]).
-      per_dim: if True, return the [..., k] per-dimension KLs instead of the sum.
+      per_dim: if True, return the [..., k] per-dimension KLs instead of their sum.
     Returns:
       [...] (or [..., k]) KL in nats.
     """
     args = _float(mean_q, log_var_q, mean_p, log_var_p)
-    _check_event("kl_diag", ("mean_q", "log_var_q", "mean_p", "log_var_p"), args, (False,) * 4)
-    if per_dim:
-        return jnp.vectorize(kl_normal, signature="(k),(k),(k),(k)->(k)")(*args)
-    return jnp.vectorize(lambda *a: kl_normal(*a).sum(-1), signature="(k),(k),(k),(k)->()")(*args)
+    _check_event("kl_diag", _DIAG_NAMES, args, (False,) * 4)
+    return _kl_from_parts(*_diag_parts(*args), per_dim)
 
 
 def kl_diag_terms(mean_q, log_var_q, mean_p, log_var_p, *, per_dim: bool = False) -> KLTerms:
-    """The terms of :func:`kl_diag`: (Σ exp(vq−vp), Σ (μq−μp)² exp(−vp), Σ (vp−vq), k)."""
+    """Terms of :func:`kl_diag`: (Σ exp(vq−vp), Σ (μq−μp)² exp(−vp), Σ (vp−vq), k)."""
     args = _float(mean_q, log_var_q, mean_p, log_var_p)
-    _check_event("kl_diag_terms", ("mean_q", "log_var_q", "mean_p", "log_var_p"), args, (False,) * 4)
-    return _vectorized_terms(_diag_terms_per_dim, per_dim, *args)
+    _check_event("kl_diag_terms", _DIAG_NAMES, args, (False,) * 4)
+    return _terms_from_parts(*_diag_parts(*args), per_dim)
 
 
 # --------------------------------------------------------------------------------------
-# Full covariance, from lower Cholesky factors.
+# Full covariances, from lower Cholesky factors; written for one example, vectorized.
+#
+# M = Lp⁻¹Lq is lower triangular with diagonal Lq,ᵢᵢ/Lp,ᵢᵢ, so tr(Σp⁻¹Σq) = ‖M‖²_F and
+# log|Σp|/|Σq| = −Σᵢ dᵢ. Splitting ‖M‖²_F and ‖a‖² by rows of M gives the per-dimension
+# KL of the chain rule along the Cholesky order: row i is the expected KL between the
+# conditionals q(zᵢ | z<ᵢ) and p(zᵢ | z<ᵢ) in p-whitened coordinates. The rows sum to
+# the total, and for diagonal covariances they are the ordinary per-dimension KLs.
 
 
 def _log_abs_diag(scale_tril):
@@ -242,90 +251,71 @@ def _log_abs_diag(scale_tril):
 
 
 def _full_parts(mean_q, scale_tril_q, mean_p, scale_tril_p):
-    """For one example: (d, off, mahalanobis) with d = log σq,ᵢ² − log σp,ᵢ² [k].
-
-    M = Lp⁻¹Lq is lower triangular with diagonal Lq,ᵢᵢ/Lp,ᵢᵢ, so
-    tr(Σp⁻¹Σq) = ‖M‖²_F = Σᵢ exp(dᵢ) + off, with off the sum of squares of M's
-    strictly lower part, and log|Σp|/|Σq| = −Σᵢ dᵢ.
-    """
+    """(d, off, a2), each [k], for one example."""
     lq, lp = jnp.tril(scale_tril_q), jnp.tril(scale_tril_p)
     m = solve_triangular(lp, lq, lower=True)
     a = solve_triangular(lp, mean_p - mean_q, lower=True)
     d = 2.0 * (_log_abs_diag(lq) - _log_abs_diag(lp))
-    off = jnp.sum(jnp.square(jnp.tril(m, -1)))
-    return d, off, jnp.sum(jnp.square(a))
+    return d, jnp.sum(jnp.square(jnp.tril(m, -1)), -1), jnp.square(a)
 
 
-def _full_kl(*args):
-    d, off, mahal = _full_parts(*args)
-    return 0.5 * (jnp.sum(expm1_minus_x(d)) + off + mahal)
+def _full_std_parts(mean, scale_tril):
+    """(d, off, a2), each [k], for one example against N(0, I) (M = Lq, no solve)."""
+    lq = jnp.tril(scale_tril)
+    return 2.0 * _log_abs_diag(lq), jnp.sum(jnp.square(jnp.tril(lq, -1)), -1), jnp.square(mean)
 
 
-def _full_terms(*args):
-    d, off, mahal = _full_parts(*args)
-    return (jnp.sum(jnp.exp(d)) + off, mahal, -jnp.sum(d), jnp.asarray(d.shape[-1], d.dtype))
-
-
-_FULL_SIG = "(k),(k,k),(k),(k,k)->"
 _FULL_NAMES = ("mean_q", "scale_tril_q", "mean_p", "scale_tril_p")
+_FULL_STD_NAMES = ("mean", "scale_tril")
 
 
-def kl_full(mean_q, scale_tril_q, mean_p, scale_tril_p) -> jax.Array:
+def _full_case(fn_name, parts_fn, names, signature, reduce_fn, per_dim, args):
+    args = _float(*args)
+    matrix = tuple(len(s) == 2 for s in signature)
+    _check_event(fn_name, names, args, matrix)
+    sig = ",".join("(" + ",".join(s) + ")" for s in signature) + "->(k),(k),(k)"
+    d, off, a2 = jnp.vectorize(parts_fn, signature=sig)(*args)
+    return reduce_fn(d, off, a2, per_dim)
+
+
+_FULL_SIG = (("k",), ("k", "k"), ("k",), ("k", "k"))
+_FULL_STD_SIG = (("k",), ("k", "k"))
+
+
+def kl_full(mean_q, scale_tril_q, mean_p, scale_tril_p, *, per_dim: bool = False) -> jax.Array:
     """KL(N(μq, LqLqᵀ) || N(μp, LpLpᵀ)) for full covariances given by Cholesky factors.
 
     Args:
       mean_q: [..., k]; scale_tril_q: [..., k, k] lower-triangular, nonzero diagonal.
       mean_p: [..., k]; scale_tril_p: [..., k, k] lower-triangular, nonzero diagonal.
+      per_dim: if True, return the [..., k] chain-rule per-dimension KLs (see above).
     Returns:
-      [...] KL in nats.
+      [...] (or [..., k]) KL in nats.
     """
-    args = _float(mean_q, scale_tril_q, mean_p, scale_tril_p)
-    _check_event("kl_full", _FULL_NAMES, args, (False, True, False, True))
-    return jnp.vectorize(_full_kl, signature=_FULL_SIG + "()")(*args)
+    return _full_case("kl_full", _full_parts, _FULL_NAMES, _FULL_SIG, _kl_from_parts, per_dim,
+                      (mean_q, scale_tril_q, mean_p, scale_tril_p))
 
 
-def kl_full_terms(mean_q, scale_tril_q, mean_p, scale_tril_p) -> KLTerms:
-    """The terms of :func:`kl_full`, each [...] (no per-dimension split for full covariances)."""
-    args = _float(mean_q, scale_tril_q, mean_p, scale_tril_p)
-    _check_event("kl_full_terms", _FULL_NAMES, args, (False, True, False, True))
-    return KLTerms(*jnp.vectorize(_full_terms, signature=_FULL_SIG + "(),(),(),()")(*args))
+def kl_full_terms(mean_q, scale_tril_q, mean_p, scale_tril_p, *, per_dim: bool = False) -> KLTerms:
+    """Terms of :func:`kl_full`, each [...] (or [..., k] split by rows of Lp⁻¹Lq)."""
+    return _full_case("kl_full_terms", _full_parts, _FULL_NAMES, _FULL_SIG, _terms_from_parts,
+                      per_dim, (mean_q, scale_tril_q, mean_p, scale_tril_p))
 
 
-# --------------------------------------------------------------------------------------
-# Full covariance vs N(0, I): no solve needed.
-
-
-def _full_std_parts(mean, scale_tril):
-    lq = jnp.tril(scale_tril)
-    d = 2.0 * _log_abs_diag(lq)
-    return d, jnp.sum(jnp.square(jnp.tril(lq, -1))), jnp.sum(jnp.square(mean))
-
-
-def _full_std_kl(mean, scale_tril):
-    d, off, mahal = _full_std_parts(mean, scale_tril)
-    return 0.5 * (jnp.sum(expm1_minus_x(d)) + off + mahal)
-
-
-def _full_std_terms(mean, scale_tril):
-    d, off, mahal = _full_std_parts(mean, scale_tril)
-    return (jnp.sum(jnp.exp(d)) + off, mahal, -jnp.sum(d), jnp.asarray(d.shape[-1], d.dtype))
-
-
-def kl_full_std_normal(mean, scale_tril) -> jax.Array:
+def kl_full_std_normal(mean, scale_tril, *, per_dim: bool = False) -> jax.Array:
     """KL(N(μ, LLᵀ) || N(0, I)) = ½(‖L‖²_F + ‖μ‖² − k − 2 Σᵢ log|Lᵢᵢ|).
 
     Args:
       mean: [..., k]; scale_tril: [..., k, k] lower-triangular.
+      per_dim: if True, return the [..., k] chain-rule per-dimension KLs (rows of L).
     Returns:
-      [...] KL in nats.
+      [...] (or [..., k]) KL in nats.
     """
-    mean, scale_tril = _float(mean, scale_tril)
-    _check_event("kl_full_std_normal", ("mean", "scale_tril"), (mean, scale_tril), (False, True))
-    return jnp.vectorize(_full_std_kl, signature="(k),(k,k)->()")(mean, scale_tril)
+    return _full_case("kl_full_std_normal", _full_std_parts, _FULL_STD_NAMES, _FULL_STD_SIG,
+                      _kl_from_parts, per_dim, (mean, scale_tril))
 
 
-def kl_full_std_normal_terms(mean, scale_tril) -> KLTerms:
-    """The terms of :func:`kl_full_std_normal`, each [...]."""
-    mean, scale_tril = _float(mean, scale_tril)
-    _check_event("kl_full_std_normal_terms", ("mean", "scale_tril"), (mean, scale_tril), (False, True))
-    return KLTerms(*jnp.vectorize(_full_std_terms, signature="(k),(k,k)->(),(),(),()")(mean, scale_tril))
+def kl_full_std_normal_terms(mean, scale_tril, *, per_dim: bool = False) -> KLTerms:
+    """Terms of :func:`kl_full_std_normal`, each [...] (or [..., k])."""
+    return _full_case("kl_full_std_normal_terms", _full_std_parts, _FULL_STD_NAMES, _FULL_STD_SIG,
+                      _terms_from_parts, per_dim, (mean, scale_tril))
