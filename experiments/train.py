@@ -1,0 +1,33 @@
+r"""Trains one VAE.
+
+    python -m experiments.train --config=experiments/configs/digits_mlp.py \
+        --config.beta=4 --config.latent_dim=16 --workdir=runs/x
+
+Re-running the same command resumes from the latest checkpoint in --workdir.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from vaekl import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if present).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    rows = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    for row in rows:
+        logging.info("final %s: neg_elbo %.3f recon %.3f kl %.3f active units %d", row["split"],
+                     row["neg_elbo"], row["recon"], row["kl"], row["active_units"])
+    print(f"results in {_WORKDIR.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Flax (nnx) VAE building blocks: networks, Gaussian posteriors and priors, likelihoods."""

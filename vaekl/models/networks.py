@@ -1,0 +1,117 @@
+"""Encoder and decoder torsos: MLPs and convolutional pairs for 28×28, 32×32 and 64×64 images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nnx.relu, "tanh": jnp.tanh, "elu": nnx.elu, "gelu": nnx.gelu,
+    "softplus": nnx.softplus, "swish": nnx.swish, "linear": lambda x: x,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(nnx.Module):
+    """in → hidden… → out, the activation after every hidden layer (none after the last)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], out_features: int,
+                 act: str, *, rngs: nnx.Rngs):
+        sizes = [in_features, *hidden, out_features]
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+        return self.layers[-1](x)
+
+
+class MLPEncoder(nnx.Module):
+    """Images [..., H, W, C] → features [..., out_features] (flatten, then an MLP)."""
+
+    def __init__(self, image_shape: Sequence[int], hidden: Sequence[int], out_features: int,
+                 act: str, *, rngs: nnx.Rngs):
+        self.image_ndim = len(image_shape)
+        self.mlp = MLP(math.prod(image_shape), hidden, out_features, act, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.mlp(x.reshape(*x.shape[: x.ndim - self.image_ndim], -1))
+
+
+class MLPDecoder(nnx.Module):
+    """Latents [..., k] → per-pixel parameters [..., H, W, C]."""
+
+    def __init__(self, latent_dim: int, hidden: Sequence[int], image_shape: Sequence[int],
+                 act: str, *, rngs: nnx.Rngs):
+        self.image_shape = tuple(image_shape)
+        self.mlp = MLP(latent_dim, hidden, math.prod(image_shape), act, rngs=rngs)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.mlp(z).reshape(*z.shape[:-1], *self.image_shape)
+
+
+def _check_conv_size(image_shape: Sequence[int], channels: Sequence[int]) -> int:
+    h, w, _ = image_shape
+    factor = 2 ** len(channels)
+    if h != w or h % factor:
+        raise ValueError(f"conv networks need square images whose side is divisible by "
+                         f"2^{len(channels)} = {factor} (one stride-2 layer per channel entry); "
+                         f"got {h}×{w}. Use 28×28 or 32×32 with 2 layers, 64×64 with 3 or 4.")
+    return h // factor
+
+
+class ConvEncoder(nnx.Module):
+    """Images [B, H, W, C] → features: stride-2 4×4 convs, then a dense layer."""
+
+    def __init__(self, image_shape: Sequence[int], channels: Sequence[int], hidden: int,
+                 out_features: int, act: str, *, rngs: nnx.Rngs):
+        base = _check_conv_size(image_shape, channels)
+        ins = [image_shape[-1], *channels[:-1]]
+        self.convs = nnx.List([nnx.Conv(a, b, kernel_size=(4, 4), strides=2, padding="SAME", rngs=rngs)
+                               for a, b in zip(ins, channels)])
+        self.dense = nnx.Linear(base * base * channels[-1], hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, out_features, rngs=rngs)
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch = x.shape[:-3]
+        x = x.reshape(-1, *x.shape[-3:])
+        for conv in self.convs:
+            x = self.act(conv(x))
+        x = self.act(self.dense(x.reshape(x.shape[0], -1)))
+        return self.out(x).reshape(*batch, -1)
+
+
+class ConvDecoder(nnx.Module):
+    """Latents [B, k] → per-pixel parameters [B, H, W, C]: dense, then stride-2 transposed convs."""
+
+    def __init__(self, latent_dim: int, channels: Sequence[int], hidden: int,
+                 image_shape: Sequence[int], act: str, *, rngs: nnx.Rngs):
+        self.base = _check_conv_size(image_shape, channels)
+        self.channels = tuple(reversed(channels))
+        self.dense = nnx.Linear(latent_dim, hidden, rngs=rngs)
+        self.project = nnx.Linear(hidden, self.base * self.base * self.channels[0], rngs=rngs)
+        outs = [*self.channels[1:], image_shape[-1]]
+        self.deconvs = nnx.List([
+            nnx.ConvTranspose(a, b, kernel_size=(4, 4), strides=(2, 2), padding="SAME", rngs=rngs)
+            for a, b in zip(self.channels, outs)])
+        self.act = activation(act)
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        batch = z.shape[:-1]
+        x = self.act(self.project(self.act(self.dense(z.reshape(-1, z.shape[-1])))))
+        x = x.reshape(-1, self.base, self.base, self.channels[0])
+        for deconv in self.deconvs[:-1]:
+            x = self.act(deconv(x))
+        x = self.deconvs[-1](x)
+        return x.reshape(*batch, *x.shape[1:])

@@ -1,0 +1,87 @@
+"""The VAE: encoder → posterior q(z|x), prior p(z), decoder → likelihood p(x|z)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from vaekl.models import networks, posteriors
+from vaekl.models.gaussian import Gaussian
+from vaekl.models.likelihoods import Likelihood
+from vaekl.models.priors import Prior
+
+MODELS = ("mlp", "conv")
+
+
+class VAE(nnx.Module):
+    """A VAE assembled from parts; all methods are pure given the parameters.
+
+    Attributes:
+      encoder: images [..., H, W, C] → posterior parameters.
+      decoder: latents [..., k] → per-pixel likelihood parameters [..., H, W, C].
+      prior: p(z); ``prior()`` is a Gaussian or None for N(0, I).
+      likelihood: p(x|z).
+    """
+
+    def __init__(self, encoder: nnx.Module, decoder: nnx.Module, prior: Prior,
+                 likelihood: Likelihood, posterior: str, latent_dim: int):
+        self.encoder, self.decoder = encoder, decoder
+        self.prior, self.likelihood = prior, likelihood
+        self.posterior, self.latent_dim = posterior, latent_dim
+
+    def encode(self, x: jax.Array) -> Gaussian:
+        """q(z|x) for images x [..., H, W, C] in [0, 1]."""
+        return posteriors.posterior(self.posterior, self.encoder(x), self.latent_dim)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Decoder outputs (logits or means) [..., H, W, C] for latents z [..., k]."""
+        return self.decoder(z)
+
+    def sample(self, key: jax.Array, num: int) -> jax.Array:
+        """E[x|z] for ``num`` draws z ~ p(z), [num, H, W, C]."""
+        p = self.prior()
+        if p is None:
+            z = jax.random.normal(key, (num, self.latent_dim))
+        else:
+            z = p.sample(key, num)
+        return self.likelihood.mean(self.decode(z))
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """E[x|z] at the posterior mean z = E_q[z|x], [..., H, W, C]."""
+        return self.likelihood.mean(self.decode(self.encode(x).mean))
+
+
+def _networks(config: ml_collections.ConfigDict, image_shape: Sequence[int], rngs: nnx.Rngs):
+    k = config.latent_dim
+    n_out = posteriors.num_params(config.posterior, k)
+    if config.model == "mlp":
+        enc = networks.MLPEncoder(image_shape, config.encoder_hidden, n_out, config.activation, rngs=rngs)
+        dec = networks.MLPDecoder(k, config.decoder_hidden, image_shape, config.activation, rngs=rngs)
+    elif config.model == "conv":
+        enc = networks.ConvEncoder(image_shape, config.conv_channels, config.conv_hidden, n_out,
+                                   config.activation, rngs=rngs)
+        dec = networks.ConvDecoder(k, config.conv_channels, config.conv_hidden, image_shape,
+                                   config.activation, rngs=rngs)
+    else:
+        raise ValueError(f"unknown model {config.model!r}; choose from {MODELS}")
+    return enc, dec
+
+
+def make_vae(config: ml_collections.ConfigDict, image_shape: Sequence[int], key: jax.Array) -> VAE:
+    """Builds the VAE that ``config`` describes for images of ``image_shape`` (H, W, C)."""
+    enc, dec = _networks(config, tuple(image_shape), nnx.Rngs(params=key))
+    return VAE(enc, dec, Prior(config.prior, config.latent_dim),
+               Likelihood(config.likelihood, config.likelihood_sigma),
+               config.posterior, config.latent_dim)
+
+
+def set_output_bias(model: VAE, bias: jax.Array) -> None:
+    """Sets the decoder's last-layer bias, e.g. to the logit of the training mean (Burda et al.)."""
+    last = model.decoder.mlp.layers[-1] if hasattr(model.decoder, "mlp") else None
+    if last is None:
+        raise ValueError("set_output_bias supports MLP decoders only")
+    last.bias[...] = jnp.reshape(bias, last.bias.shape)
