@@ -12,6 +12,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vaekl import train
+from vaekl.rundir import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -22,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_library_logs()
     rows = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     for row in rows:
         logging.info("final %s: neg_elbo %.3f recon %.3f kl %.3f active units %d", row["split"],

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 import json
+import logging as pylogging
 import math
 import os
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -99,3 +101,18 @@ def save_png(path: str, images: np.ndarray, ncols: int | None = None, scale: int
     grid = image_grid(images, ncols)
     grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def quiet_library_logs() -> None:
+    """Shows vaekl's INFO lines (progress) on stderr, and only warnings from libraries
+    (orbax logs every checkpoint file operation at INFO through the same absl logger)."""
+    logging.set_verbosity(logging.INFO)
+    logging.set_stderrthreshold(logging.INFO)
+
+    def keep(record) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return record.levelno >= pylogging.WARNING or any(
+            f"/{d}/" in path for d in ("vaekl", "experiments", "launch"))
+
+    logging.get_absl_logger().addFilter(keep)
+    logging.get_absl_handler().addFilter(keep)  # records of libraries using std logging
