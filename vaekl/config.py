@@ -25,6 +25,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.dataset = "digits"          # digits | idx | npz | any TFDS name (mnist, fashion_mnist, ...)
     c.data_dir = ""               # TFDS data_dir, IDX directory or .npz path
     c.test_fraction = 0.2         # held-out fraction for sources without a test split
+    c.data_seed = 0               # seed of that held-out split (fixed across training seeds)
     c.binarization = "dynamic"    # none | static | dynamic (resampled every step)
     # Model.
     c.model = "mlp"               # mlp | conv
@@ -99,6 +100,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "beta_warmup_steps", "beta_cycle_steps", "capacity_steps"):
         _at_least(config, field, 1, integer=True)
     _at_least(config, "seed", 0, integer=True)
+    _at_least(config, "data_seed", 0, integer=True)
     _at_least(config, "num_images", 0, integer=True)
     for field in ("beta", "free_bits", "capacity_max", "active_units_threshold"):
         _at_least(config, field, 0.0)

@@ -32,8 +32,8 @@ def _jsonable(value):
     return value
 
 
-def write_config(workdir: str, config: Mapping) -> None:
-    """Writes config.json, or checks that an existing one describes the same run."""
+def check_config(workdir: str, config: Mapping) -> None:
+    """Raises ValueError if ``workdir`` holds a run with a config that cannot be resumed as ``config``."""
     path = os.path.join(workdir, "config.json")
     new = json.loads(json.dumps(_jsonable_dict(config)))
     if os.path.exists(path):
@@ -45,6 +45,13 @@ def write_config(workdir: str, config: Mapping) -> None:
             diffs = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed)
             raise ValueError(f"{workdir} holds a run with a different config ({diffs}); "
                              f"use a new --workdir or the original config")
+
+
+def write_config(workdir: str, config: Mapping) -> None:
+    """Writes config.json, after :func:`check_config`."""
+    check_config(workdir, config)
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(json.dumps(_jsonable_dict(config)))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(new, f, indent=2, sort_keys=True)

@@ -180,38 +180,237 @@ def evaluate(params, images: jax.Array, beta: jax.Array, step: jax.Array, key: j
 
 
 # ----------------------------------------------------------------------------------------
-# The host loop.
+# Groups of runs: one compiled program for many (β, k, seed), vmapped.
+#
+# Members with different k share a program by padding every latent axis to the group's
+# largest k, K: a member starts from the parameters a standalone model with its own k
+# would have (same fan-in scaling), zero-padded at the end of each axis whose size depends
+# on k, and a 0/1 latent mask switches the padded dimensions off (no KL, no decoder input,
+# no metric, no gradient). A group of one is an ordinary run.
+
+GROUP_FIELDS = ("beta", "latent_dim", "seed")  # what may differ inside a group
 
 
-class Compiled(NamedTuple):
-    """The jitted functions of one run: (state, images, β, key, mask) → …"""
-
-    run_steps: Callable  # also takes num_steps (static)
-    evaluate: Callable
-
-
-def compile_fns(config: ml_collections.ConfigDict, graphdef, tx) -> Compiled:
-    obj = Objective.from_config(config)
-    mode = "none" if config.binarization == "static" else config.binarization  # static is done on host
-    steps = jax.jit(functools.partial(run_steps, graphdef=graphdef, tx=tx,
-                                      cfg=StepConfig(config.batch_size, mode, obj)),
-                    static_argnames="num_steps", donate_argnums=0)
-    ev = jax.jit(functools.partial(evaluate, graphdef=graphdef, cfg=EvalConfig(
-        config.eval_batch_size, mode, obj, config.active_units_threshold)))
-    return Compiled(steps, ev)
+def group_key(config: ml_collections.ConfigDict) -> str:
+    """Runs with equal keys can share one compiled program."""
+    d = {k: v for k, v in config.to_dict().items() if k not in GROUP_FIELDS}
+    return repr(sorted(d.items()))
 
 
-def prepare_images(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) uint8 arrays, binarized once here when binarization is 'static'."""
-    fix = data.binarize_static if config.binarization == "static" else (lambda a: a)
-    return fix(ds.train_images), fix(ds.test_images)
+def pad_like(tree, like):
+    """Zero-pads each leaf of ``tree`` at the end of every axis to the shape of ``like``'s leaf."""
+    def pad(a, b):
+        a = jnp.asarray(a)
+        return jnp.pad(a, [(0, nb - na) for na, nb in zip(a.shape, b.shape)]) if a.ndim else a
+    return jax.tree.map(pad, tree, like)
+
+
+def slice_like(tree, like):
+    """The inverse of :func:`pad_like`: each leaf cut to the shape of ``like``'s leaf."""
+    return jax.tree.map(lambda a, b: a[tuple(slice(0, n) for n in np.shape(b))], tree, like)
+
+
+class Member:
+    """One run of a group: its config, directory, metrics, checkpoints and TensorBoard."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, image_shape, train_images):
+        self.config, self.workdir = config, workdir
+        self.k = config.latent_dim
+        self.graphdef, self.initial, _ = create(config, image_shape, train_images)
+        self.log = rundir.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+        self.mgr = None
+        self.tb = None
+        self.failure: str | None = None
+        self.last_rows: dict[str, dict] | None = None
+
+    def open(self) -> None:
+        """Creates (or checks) the run directory; called once every member's input is valid."""
+        os.makedirs(self.workdir, exist_ok=True)
+        rundir.write_config(self.workdir, self.config.to_dict())
+        self.mgr = checkpoints.manager(self.workdir, self.config.keep_checkpoints)
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self.tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+
+    def log_rows(self, rows: list[dict]) -> None:
+        self.log.append(rows)
+        for row in rows:
+            for k in SCALARS + ("active_units",):
+                self.tb.add_scalar(f"{row['split']}/{k}", row[k], row["step"])
+            self.tb.add_histogram(f"{row['split']}/kl_per_dim", np.asarray(row["kl_per_dim"]), row["step"])
+        self.tb.flush()
+        self.last_rows = {r["split"]: r for r in rows}
+
+    def close(self) -> None:
+        self.mgr.wait_until_finished()
+        self.mgr.close()
+        self.tb.close()
+
+
+def _restore_start(members: list[Member]) -> int | None:
+    """The common step to resume the group from (None: start afresh), made consistent.
+
+    Normally every member's latest checkpoint is the same step. After a crash between
+    members' saves, the group resumes from the earliest of them; members that got further
+    drop their later checkpoints (their metrics are cut back below).
+    """
+    latest = [m.mgr.latest_step() for m in members]
+    if all(s is None for s in latest):
+        return None
+    if any(s is None for s in latest):
+        start = None
+    else:
+        start = min(latest)
+    for m in members:
+        later = [s for s in m.mgr.all_steps() if start is None or s > start]
+        if start is not None and start not in m.mgr.all_steps():
+            raise ValueError(f"cannot resume {m.workdir} at step {start} with its group (it has "
+                             f"checkpoints {m.mgr.all_steps()}); run it on its own")
+        for s in later:
+            m.mgr.delete(s)
+    return start
+
+
+def _member_rows(step: int, evals: dict[str, dict], i: int, k: int) -> list[dict]:
+    rows = eval_rows(step, {split: jax.tree.map(lambda a: a[i], ev) for split, ev in evals.items()})
+    for r in rows:
+        r["kl_per_dim"], r["au_variance"] = r["kl_per_dim"][:k], r["au_variance"][:k]
+    return rows
+
+
+def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
+                dataset: data.Dataset | None = None) -> list[list[dict] | Exception]:
+    """Trains runs that differ only in β, latent_dim and seed together, in one vmapped program.
+
+    Each run writes its own directory exactly as :func:`train_and_evaluate` does, and
+    resumes from its checkpoints. Bad config values and missing datasets fail before any
+    directory is written. A run whose loss turns non-finite is stopped (its last good
+    checkpoint kept) without stopping the others.
+
+    Args:
+      configs, workdirs: the runs.
+      dataset: the runs' dataset, if already loaded.
+    Returns:
+      For each run, its final evaluation rows, or the exception that stopped it.
+    """
+    for c in configs:
+        config_lib.validate(c)
+    if len({group_key(c) for c in configs}) != 1:
+        raise ValueError(f"a group's runs may differ only in {GROUP_FIELDS}")
+    config = configs[0]
+    ds = dataset or data.load(config.dataset, config.data_dir or None,
+                              test_fraction=config.test_fraction, seed=config.data_seed)
+    train_np, test_np = prepare_images(config, ds)
+    members = [Member(c, w, ds.image_shape, train_np) for c, w in zip(configs, workdirs)]
+    big = config.copy_and_resolve_references()
+    big.unlock()
+    big.latent_dim = max(m.k for m in members)
+    graphdef, template, tx = create(big, ds.image_shape)
+
+    for m in members:  # every check before the first directory is written
+        rundir.check_config(m.workdir, m.config.to_dict())
+    for m in members:
+        m.open()
+    start = _restore_start(members)
+    member_states = []
+    for m in members:
+        state = m.initial if start is None else checkpoints.restore(m.mgr, start, m.initial)
+        m.log.truncate(-1 if start is None else start)
+        member_states.append(pad_like(state, template))
+    state = jax.tree.map(lambda *a: jnp.stack(a), *member_states)
+    if start is not None:
+        logging.info("resuming %d run(s) from step %d", len(members), start)
+
+    fns = compile_fns(config, graphdef, tx, vmapped=True)
+    images = jax.device_put(train_np)
+    evals_on = {"train": jax.device_put(train_np[: config.num_eval_train]),
+                "test": jax.device_put(test_np)}
+    betas = jnp.asarray([m.config.beta for m in members], jnp.float32)
+    masks = jnp.asarray([np.arange(big.latent_dim) < m.k for m in members], jnp.float32)
+    seeds = [jax.random.key(m.config.seed) for m in members]
+    train_keys = jnp.stack([jax.random.fold_in(k, 2) for k in seeds])
+    eval_keys = jnp.stack([jax.random.fold_in(k, 3) for k in seeds])
+    live = lambda: [(i, m) for i, m in enumerate(members) if m.failure is None]
+
+    def eval_and_log(step: int) -> None:
+        evals = {split: fns.evaluate(state.params, imgs, betas, jnp.int32(step), eval_keys, masks)
+                 for split, imgs in evals_on.items()}
+        evals = jax.device_get(evals)
+        for i, m in live():
+            m.log_rows(_member_rows(step, evals, i, m.k))
+
+    def save(step: int, evaluated: bool) -> None:
+        host = jax.device_get(state)
+        for i, m in live():
+            own = slice_like(jax.tree.map(lambda a: a[i], host), m.initial)
+            checkpoints.save(m.mgr, step, own, m.last_rows["test"]["neg_elbo"] if evaluated else None)
+
+    step = 0 if start is None else start
+    if start is None:
+        eval_and_log(0)
+        save(0, evaluated=True)
+    t_start, step_start = time.perf_counter(), step
+    for stop in _boundaries(config, step):
+        state, metrics = fns.run_steps(state, images, betas, train_keys, masks, num_steps=stop - step)
+        losses = np.asarray(metrics["loss"])  # [members, steps]
+        for i, m in live():
+            if not np.all(np.isfinite(losses[i])):
+                bad = step + 1 + int(np.argmin(np.isfinite(losses[i])))
+                m.mgr.wait_until_finished()
+                m.failure = (f"non-finite loss at step {bad} of {m.workdir}; the last good checkpoint "
+                             f"is step {m.mgr.latest_step()}. Lower learning_rate or check the data.")
+                logging.error("%s", m.failure)
+        if not live():
+            break
+        step = stop
+        rate = (step - step_start) / (time.perf_counter() - t_start)
+        alive = [i for i, _ in live()]
+        logging.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s%s  ETA %s",
+                     step, config.num_steps, losses[alive].mean(),
+                     float(np.mean(np.asarray(metrics["neg_elbo"])[alive])),
+                     float(np.mean(np.asarray(metrics["kl"])[alive])), rate,
+                     f" × {len(alive)} runs" if len(members) > 1 else "",
+                     _format_eta((config.num_steps - step) / rate))
+        evaluated = step % config.eval_every == 0 or step == config.num_steps
+        if evaluated:
+            eval_and_log(step)
+        if step % config.checkpoint_every == 0 or step == config.num_steps:
+            save(step, evaluated)
+
+    results: list[list[dict] | Exception] = []
+    host_params = jax.device_get(state.params)
+    for i, m in enumerate(members):
+        m.close()
+        if m.failure is not None:
+            results.append(FloatingPointError(m.failure))
+            continue
+        if m.last_rows is None:  # resumed a finished run: read its final rows back
+            m.last_rows = {r["split"]: r for r in m.log.read() if r["step"] == config.num_steps}
+        params = slice_like(jax.tree.map(lambda a: a[i], host_params), m.initial.params)
+        write_images(m.config, m.workdir, m.graphdef, params, test_np)
+        results.append(list(m.last_rows.values()))
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains one VAE as ``config`` says, writing everything to ``workdir``; resumes if it can.
+
+    Bad config values and missing datasets fail before anything is written.
+
+    Returns:
+      The final evaluation rows (train and test).
+    Raises:
+      FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
+    """
+    (result,) = train_group([config], [workdir])
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def eval_rows(step: int, evals: dict[str, dict]) -> list[dict]:
-    """metrics.jsonl rows (one per split) from device results."""
+    """metrics.jsonl rows (one per split) from one run's evaluation results."""
     rows = []
     for split, m in evals.items():
-        m = jax.device_get(m)
         row = {"step": int(step), "split": split}
         row.update({k: float(m[k]) for k in SCALARS})
         row["kl_per_dim"] = [float(v) for v in m["kl_per_dim"]]
@@ -233,85 +432,36 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Trains one VAE as ``config`` says, writing everything to ``workdir``; resumes if it can.
+class Compiled(NamedTuple):
+    """The jitted functions of a group: (state, images, β, key, mask) → …"""
 
-    Bad config values and missing datasets fail before anything is written.
+    run_steps: Callable  # also takes num_steps (static)
+    evaluate: Callable
 
-    Returns:
-      The final evaluation rows (train and test).
-    """
-    config_lib.validate(config)
-    ds = data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
-                   seed=config.seed)
-    train_np, test_np = prepare_images(config, ds)
-    graphdef, state, tx = create(config, ds.image_shape, train_np)
 
-    os.makedirs(workdir, exist_ok=True)
-    rundir.write_config(workdir, config.to_dict())
-    log = rundir.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-    mgr = checkpoints.manager(workdir, config.keep_checkpoints)
-    latest = mgr.latest_step()
-    if latest is not None:
-        state = checkpoints.restore(mgr, latest, state)
-        logging.info("resuming %s from step %d", workdir, latest)
-    log.truncate(-1 if latest is None else latest)
+def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool = True) -> Compiled:
+    """jit(vmap(...)) of run_steps and evaluate over the members' state, β, keys and masks."""
+    obj = Objective.from_config(config)
+    mode = "none" if config.binarization == "static" else config.binarization  # static is done on host
+    step_cfg = StepConfig(config.batch_size, mode, obj)
+    ev = functools.partial(evaluate, graphdef=graphdef, cfg=EvalConfig(
+        config.eval_batch_size, mode, obj, config.active_units_threshold))
 
-    fns = compile_fns(config, graphdef, tx)
-    images = jax.device_put(train_np)
-    evals_on = {"train": jax.device_put(train_np[: config.num_eval_train]),
-                "test": jax.device_put(test_np)}
-    beta = jnp.float32(config.beta)
-    train_key = jax.random.fold_in(jax.random.key(config.seed), 2)
-    eval_key = jax.random.fold_in(jax.random.key(config.seed), 3)
+    def steps(state, images, beta, key, latent_mask, num_steps):
+        fn = functools.partial(run_steps, num_steps=num_steps, graphdef=graphdef, tx=tx, cfg=step_cfg)
+        if vmapped:
+            fn = jax.vmap(fn, in_axes=(0, None, 0, 0, 0))
+        return fn(state, images, beta, key, latent_mask)
 
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if vmapped:
+        ev = jax.vmap(ev, in_axes=(0, None, 0, None, 0, 0))
+    return Compiled(jax.jit(steps, static_argnames="num_steps", donate_argnums=0), jax.jit(ev))
 
-    def eval_and_log(step: int) -> dict[str, dict]:
-        evals = {split: fns.evaluate(state.params, imgs, beta, jnp.int32(step), eval_key, None)
-                 for split, imgs in evals_on.items()}
-        rows = eval_rows(step, evals)
-        log.append(rows)
-        for row in rows:
-            for k in SCALARS + ("active_units",):
-                tb.add_scalar(f"{row['split']}/{k}", row[k], step)
-            tb.add_histogram(f"{row['split']}/kl_per_dim", np.asarray(row["kl_per_dim"]), step)
-        tb.flush()
-        return {r["split"]: r for r in rows}
 
-    step = int(state.step)
-    last_rows = None
-    if latest is None:
-        last_rows = eval_and_log(0)
-        checkpoints.save(mgr, 0, state, last_rows["test"]["neg_elbo"])
-    t_start, step_start = time.perf_counter(), step
-    for stop in _boundaries(config, step):
-        state, metrics = fns.run_steps(state, images, beta, train_key, None, num_steps=stop - step)
-        losses = np.asarray(metrics["loss"])
-        if not np.all(np.isfinite(losses)):
-            bad = step + 1 + int(np.argmin(np.isfinite(losses)))
-            mgr.wait_until_finished()
-            raise FloatingPointError(
-                f"non-finite loss at step {bad} of {workdir}; the last good checkpoint is step "
-                f"{mgr.latest_step()}. Lower learning_rate or check the data.")
-        step = stop
-        rate = (step - step_start) / (time.perf_counter() - t_start)
-        logging.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s  ETA %s",
-                     step, config.num_steps, losses.mean(), float(np.mean(metrics["neg_elbo"])),
-                     float(np.mean(metrics["kl"])), rate, _format_eta((config.num_steps - step) / rate))
-        evaluated = step % config.eval_every == 0 or step == config.num_steps
-        if evaluated:
-            last_rows = eval_and_log(step)
-        if step % config.checkpoint_every == 0 or step == config.num_steps:
-            checkpoints.save(mgr, step, state, last_rows["test"]["neg_elbo"] if evaluated else None)
-    mgr.wait_until_finished()
-    tb.close()
-
-    if last_rows is None:  # resumed a finished run: read its final rows back
-        last_rows = {r["split"]: r for r in log.read() if r["step"] == config.num_steps}
-    write_images(config, workdir, graphdef, state.params, test_np)
-    return list(last_rows.values())
+def prepare_images(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) uint8 arrays, binarized once here when binarization is 'static'."""
+    fix = data.binarize_static if config.binarization == "static" else (lambda a: a)
+    return fix(ds.train_images), fix(ds.test_images)
 
 
 def write_images(config, workdir: str, graphdef, params, test_images: np.ndarray) -> None:
