@@ -121,7 +121,7 @@ def run_group(configs: list[dict], workdirs: list[str]) -> list[str | None]:
                 errors[i] = f"{type(e).__name__}: {e}"
             continue
         limit = _MAX_GROUP.value if flags.FLAGS.is_parsed() and _MAX_GROUP.value else \
-            _fitting_group_size([configs[i] for i in idx], ds.image_shape)
+            _fitting_group_size([configs[i] for i in idx], ds)
         for chunk in sweep_lib.groups([configs[i] for i in idx], limit):
             members = [idx[j] for j in chunk]
             logging.info("training %d run(s) in one program: %s", len(members),
@@ -138,16 +138,16 @@ def run_group(configs: list[dict], workdirs: list[str]) -> list[str | None]:
     return errors
 
 
-def _fitting_group_size(configs: list[ml_collections.ConfigDict], image_shape) -> int:
+def _fitting_group_size(configs: list[ml_collections.ConfigDict], ds) -> int:
     """How many of these runs fit in half the device's memory, by sweep.bytes_per_run."""
     import math  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
     from vaekl import train  # pylint: disable=g-import-not-at-top
 
     big = max(configs, key=lambda c: c.latent_dim)
-    _, state, _ = train.create(big, image_shape)
+    _, state, _ = train.create(big, ds.image_shape, ds.train_images)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    per_run = sweep_lib.bytes_per_run(big, n_params, math.prod(image_shape))
+    per_run = sweep_lib.bytes_per_run(big, n_params, math.prod(ds.image_shape))
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)

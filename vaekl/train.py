@@ -304,7 +304,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     big = config.copy_and_resolve_references()
     big.unlock()
     big.latent_dim = max(m.k for m in members)
-    graphdef, template, tx = create(big, ds.image_shape)
+    graphdef, template, tx = create(big, ds.image_shape, train_np)
 
     for m in members:  # every check before the first directory is written
         rundir.check_config(m.workdir, m.config.to_dict())

@@ -53,7 +53,7 @@ class Gaussian:
     def sample(self, key: jax.Array, num: int | None = None) -> jax.Array:
         """Reparameterized draws, [..., k] (or [num, ..., k] when ``num`` is given)."""
         shape = self.mean.shape if num is None else (num, *self.mean.shape)
-        eps = jax.random.normal(key, shape, self.mean.dtype)
+        eps = standard_normal(key, shape, self.mean.dtype)
         if self.is_diagonal:
             return self.mean + jnp.exp(0.5 * self.log_var) * eps
         return self.mean + jnp.einsum("...ij,...j->...i", self.scale_tril, eps)
@@ -68,6 +68,16 @@ class Gaussian:
         w = jax.scipy.linalg.solve_triangular(l, (z - self.mean)[..., None], lower=True)[..., 0]
         log_det = 2.0 * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1))), -1)
         return -0.5 * (jnp.sum(jnp.square(w), -1) + log_det + k * math.log(2 * math.pi))
+
+
+def standard_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """N(0, 1) draws of ``shape`` [..., k], latent dimension i from its own stream fold_in(key, i).
+
+    The draws of the first k' dimensions do not depend on k, so a model with k latent
+    dimensions sees the same noise as the leading block of a wider one (vmapped sweeps).
+    """
+    draw = lambda i: jax.random.normal(jax.random.fold_in(key, i), shape[:-1], dtype)
+    return jnp.moveaxis(jax.vmap(draw)(jnp.arange(shape[-1])), 0, -1)
 
 
 def standard_normal_log_prob(z: jax.Array) -> jax.Array:

@@ -22,30 +22,37 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class MLP(nnx.Module):
-    """in → hidden… → out, the activation after every hidden layer (none after the last)."""
+    """in → hidden… → out, the activation after every hidden layer (and after the last
+    one too with ``activate_final``)."""
 
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int,
-                 act: str, *, rngs: nnx.Rngs):
+                 act: str, *, rngs: nnx.Rngs, activate_final: bool = False):
         sizes = [in_features, *hidden, out_features]
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
         self.act = activation(act)
+        self.activate_final = activate_final
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.layers[:-1]:
             x = self.act(layer(x))
-        return self.layers[-1](x)
+        x = self.layers[-1](x)
+        return self.act(x) if self.activate_final else x
 
 
 class MLPEncoder(nnx.Module):
-    """Images [..., H, W, C] → features [..., out_features] (flatten, then an MLP)."""
+    """Images [..., H, W, C] → features [..., hidden[-1]]: flatten, then hidden layers, each
+    followed by the activation. With no hidden layers the features are the pixels (a linear
+    encoder, once the posterior head is applied)."""
 
-    def __init__(self, image_shape: Sequence[int], hidden: Sequence[int], out_features: int,
-                 act: str, *, rngs: nnx.Rngs):
+    def __init__(self, image_shape: Sequence[int], hidden: Sequence[int], act: str, *, rngs: nnx.Rngs):
         self.image_ndim = len(image_shape)
-        self.mlp = MLP(math.prod(image_shape), hidden, out_features, act, rngs=rngs)
+        n_in = math.prod(image_shape)
+        self.mlp = MLP(n_in, hidden[:-1], hidden[-1], act, rngs=rngs, activate_final=True) if hidden else None
+        self.features = hidden[-1] if hidden else n_in
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.mlp(x.reshape(*x.shape[: x.ndim - self.image_ndim], -1))
+        x = x.reshape(*x.shape[: x.ndim - self.image_ndim], -1)
+        return x if self.mlp is None else self.mlp(x)
 
 
 class MLPDecoder(nnx.Module):
@@ -71,17 +78,17 @@ def _check_conv_size(image_shape: Sequence[int], channels: Sequence[int]) -> int
 
 
 class ConvEncoder(nnx.Module):
-    """Images [B, H, W, C] → features: stride-2 4×4 convs, then a dense layer."""
+    """Images [..., H, W, C] → features [..., hidden]: stride-2 4×4 convs, then a dense layer."""
 
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int], hidden: int,
-                 out_features: int, act: str, *, rngs: nnx.Rngs):
+                 act: str, *, rngs: nnx.Rngs):
         base = _check_conv_size(image_shape, channels)
         ins = [image_shape[-1], *channels[:-1]]
         self.convs = nnx.List([nnx.Conv(a, b, kernel_size=(4, 4), strides=2, padding="SAME", rngs=rngs)
                                for a, b in zip(ins, channels)])
         self.dense = nnx.Linear(base * base * channels[-1], hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, out_features, rngs=rngs)
         self.act = activation(act)
+        self.features = hidden
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch = x.shape[:-3]
@@ -89,7 +96,7 @@ class ConvEncoder(nnx.Module):
         for conv in self.convs:
             x = self.act(conv(x))
         x = self.act(self.dense(x.reshape(x.shape[0], -1)))
-        return self.out(x).reshape(*batch, -1)
+        return x.reshape(*batch, -1)
 
 
 class ConvDecoder(nnx.Module):

@@ -10,7 +10,7 @@ import ml_collections
 from flax import nnx
 
 from vaekl.models import networks, posteriors
-from vaekl.models.gaussian import Gaussian
+from vaekl.models.gaussian import Gaussian, standard_normal
 from vaekl.models.likelihoods import Likelihood
 from vaekl.models.priors import Prior
 
@@ -21,21 +21,22 @@ class VAE(nnx.Module):
     """A VAE assembled from parts; all methods are pure given the parameters.
 
     Attributes:
-      encoder: images [..., H, W, C] → posterior parameters.
+      encoder: images [..., H, W, C] → features.
+      head: features → the posterior q(z|x).
       decoder: latents [..., k] → per-pixel likelihood parameters [..., H, W, C].
       prior: p(z); ``prior()`` is a Gaussian or None for N(0, I).
       likelihood: p(x|z).
     """
 
-    def __init__(self, encoder: nnx.Module, decoder: nnx.Module, prior: Prior,
-                 likelihood: Likelihood, posterior: str, latent_dim: int):
-        self.encoder, self.decoder = encoder, decoder
+    def __init__(self, encoder: nnx.Module, head: posteriors.GaussianHead, decoder: nnx.Module,
+                 prior: Prior, likelihood: Likelihood, latent_dim: int):
+        self.encoder, self.head, self.decoder = encoder, head, decoder
         self.prior, self.likelihood = prior, likelihood
-        self.posterior, self.latent_dim = posterior, latent_dim
+        self.latent_dim = latent_dim
 
     def encode(self, x: jax.Array) -> Gaussian:
         """q(z|x) for images x [..., H, W, C] in [0, 1]."""
-        return posteriors.posterior(self.posterior, self.encoder(x), self.latent_dim)
+        return self.head(self.encoder(x))
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Decoder outputs (logits or means) [..., H, W, C] for latents z [..., k]."""
@@ -45,7 +46,7 @@ class VAE(nnx.Module):
         """E[x|z] for ``num`` draws z ~ p(z), [num, H, W, C]."""
         p = self.prior()
         if p is None:
-            z = jax.random.normal(key, (num, self.latent_dim))
+            z = standard_normal(key, (num, self.latent_dim))
         else:
             z = p.sample(key, num)
         return self.likelihood.mean(self.decode(z))
@@ -57,12 +58,11 @@ class VAE(nnx.Module):
 
 def _networks(config: ml_collections.ConfigDict, image_shape: Sequence[int], rngs: nnx.Rngs):
     k = config.latent_dim
-    n_out = posteriors.num_params(config.posterior, k)
     if config.model == "mlp":
-        enc = networks.MLPEncoder(image_shape, config.encoder_hidden, n_out, config.activation, rngs=rngs)
+        enc = networks.MLPEncoder(image_shape, config.encoder_hidden, config.activation, rngs=rngs)
         dec = networks.MLPDecoder(k, config.decoder_hidden, image_shape, config.activation, rngs=rngs)
     elif config.model == "conv":
-        enc = networks.ConvEncoder(image_shape, config.conv_channels, config.conv_hidden, n_out,
+        enc = networks.ConvEncoder(image_shape, config.conv_channels, config.conv_hidden,
                                    config.activation, rngs=rngs)
         dec = networks.ConvDecoder(k, config.conv_channels, config.conv_hidden, image_shape,
                                    config.activation, rngs=rngs)
@@ -73,10 +73,11 @@ def _networks(config: ml_collections.ConfigDict, image_shape: Sequence[int], rng
 
 def make_vae(config: ml_collections.ConfigDict, image_shape: Sequence[int], key: jax.Array) -> VAE:
     """Builds the VAE that ``config`` describes for images of ``image_shape`` (H, W, C)."""
-    enc, dec = _networks(config, tuple(image_shape), nnx.Rngs(params=key))
-    return VAE(enc, dec, Prior(config.prior, config.latent_dim),
-               Likelihood(config.likelihood, config.likelihood_sigma),
-               config.posterior, config.latent_dim)
+    rngs = nnx.Rngs(params=key)
+    enc, dec = _networks(config, tuple(image_shape), rngs)
+    head = posteriors.GaussianHead(config.posterior, enc.features, config.latent_dim, rngs=rngs)
+    return VAE(enc, head, dec, Prior(config.prior, config.latent_dim),
+               Likelihood(config.likelihood, config.likelihood_sigma), config.latent_dim)
 
 
 def set_output_bias(model: VAE, bias: jax.Array) -> None:

@@ -1,0 +1,132 @@
+"""Sweeps: grid parsing, the vmapped-member equivalence, the launcher's backends, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vaekl import analysis, data, sweep, train
+from vaekl import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+    c = config_lib.defaults()
+    c.encoder_hidden = (24,)
+    c.decoder_hidden = (24,)
+    c.batch_size = 16
+    c.num_steps = 40
+    c.eval_every = 20
+    c.log_every = 20
+    c.checkpoint_every = 20
+    c.eval_batch_size = 128
+    c.num_eval_train = 128
+    c.num_images = 4
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+# ---------------------------------------------------------------------------
+# Grid definitions.
+
+
+def test_parse_and_names():
+    base = config_lib.defaults()
+    grid = sweep.parse("beta=0.5,1,4 latent_dim=2,8 seed=0,1", base)
+    assert len(grid) == 12
+    assert grid[0] == {"beta": 0.5, "latent_dim": 2, "seed": 0}
+    assert isinstance(grid[0]["latent_dim"], int) and isinstance(grid[3]["beta"], float)
+    assert sweep.run_name(grid[-1]) == "beta=4,latent_dim=8,seed=1"
+    assert sweep.run_name(sweep.parse("beta=1.0", base)[0]) == sweep.run_name(sweep.parse("beta=1", base)[0])
+    assert sweep.parse("encoder_hidden=(64,);(32,32)", base)[1]["encoder_hidden"] == (32, 32)
+    for bad, msg in [("beta", "expected FIELD=V1"), ("nope=1", "unknown config field"),
+                     ("latent_dim=2.5", "not a valid int"), ("beta=1 beta=2", "given twice"),
+                     ("beta=x", "not a valid float")]:
+        with pytest.raises(ValueError, match=msg):
+            sweep.parse(bad, base)
+
+
+def test_groups_split_by_shared_fields_and_size():
+    base = small_config()
+    configs = [sweep.apply(base, o) for o in sweep.parse("beta=1,2 latent_dim=2,4,8 batch_size=16,32", base)]
+    gs = sweep.groups(configs, max_size=4)
+    assert sorted(i for g in gs for i in g) == list(range(12))
+    for g in gs:
+        assert len(g) <= 4
+        assert len({configs[i].batch_size for i in g}) == 1
+        assert [configs[i].latent_dim for i in g] == sorted(configs[i].latent_dim for i in g)
+
+
+# ---------------------------------------------------------------------------
+# A vmapped member is the standalone run.
+
+
+@pytest.mark.parametrize("posterior,prior", [("diag", "std_normal"), ("diag", "diag"), ("full", "full")])
+def test_vmapped_member_step_equals_standalone_step(posterior, prior):
+    points = [(0.5, 2), (1.0, 5), (4.0, 8), (1.0, 8)]
+    ds = data.load("digits")
+    images = jnp.asarray(ds.train_images)
+    configs = [small_config(beta=b, latent_dim=k, seed=i, posterior=posterior, prior=prior)
+               for i, (b, k) in enumerate(points)]
+    standalone = []
+    for c in configs:
+        graphdef, state, tx = train.create(c, ds.image_shape)
+        fns = train.compile_fns(c, graphdef, tx, vmapped=False)
+        key = jax.random.fold_in(jax.random.key(c.seed), 2)
+        new, metrics = fns.run_steps(jax.tree.map(jnp.copy, state), images, jnp.float32(c.beta), key, None,
+                                     num_steps=3)  # run_steps donates its state
+        standalone.append((state, new, metrics))
+
+    big = small_config(latent_dim=8, posterior=posterior, prior=prior)
+    graphdef, template, tx = train.create(big, ds.image_shape)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[train.pad_like(s, template) for s, _, _ in standalone])
+    masks = jnp.asarray([np.arange(8) < c.latent_dim for c in configs], jnp.float32)
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 2) for c in configs])
+    betas = jnp.asarray([c.beta for c in configs], jnp.float32)
+    fns = train.compile_fns(big, graphdef, tx, vmapped=True)
+    new, metrics = fns.run_steps(stacked, images, betas, keys, masks, num_steps=3)
+    for i, (init, want, want_metrics) in enumerate(standalone):
+        member = jax.tree.map(lambda a: a[i], new)
+        got = train.slice_like(member, init)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                     got.params, want.params)
+        np.testing.assert_allclose(metrics["loss"][i], want_metrics["loss"], rtol=1e-5)
+        # The padding stays exactly zero: masked dimensions get no gradient.
+        padded_back = train.pad_like(got.params, template.params)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(lambda a: a[i], new.params), padded_back)
+
+
+def test_vmapped_evaluation_equals_standalone():
+    ds = data.load("digits")
+    test = jnp.asarray(ds.test_images)
+    configs = [small_config(beta=1.0, latent_dim=k, seed=k) for k in (3, 6)]
+    big = small_config(latent_dim=6)
+    graphdef, template, tx = train.create(big, ds.image_shape)
+    states, singles = [], []
+    for c in configs:
+        g, s, t = train.create(c, ds.image_shape)
+        key = jax.random.fold_in(jax.random.key(c.seed), 3)
+        singles.append(train.compile_fns(c, g, t, vmapped=False).evaluate(
+            s.params, test, jnp.float32(1.0), jnp.int32(0), key, None))
+        states.append(train.pad_like(s, template))
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+    masks = jnp.asarray([np.arange(6) < c.latent_dim for c in configs], jnp.float32)
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
+    ev = train.compile_fns(big, graphdef, tx).evaluate(stacked.params, test, jnp.ones(2), jnp.int32(0), keys, masks)
+    for i, (c, single) in enumerate(zip(configs, singles)):
+        for name in ("neg_elbo", "recon", "kl", "kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim"):
+            np.testing.assert_allclose(ev[name][i], single[name], rtol=2e-5, err_msg=name)
+        np.testing.assert_allclose(ev["kl_per_dim"][i][: c.latent_dim], single["kl_per_dim"], rtol=2e-5, atol=1e-7)
+        np.testing.assert_array_equal(ev["kl_per_dim"][i][c.latent_dim:], 0.0)
+        assert int(ev["active_units"][i]) == int(single["active_units"])
