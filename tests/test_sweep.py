@@ -130,3 +130,110 @@ def test_vmapped_evaluation_equals_standalone():
         np.testing.assert_allclose(ev["kl_per_dim"][i][: c.latent_dim], single["kl_per_dim"], rtol=2e-5, atol=1e-7)
         np.testing.assert_array_equal(ev["kl_per_dim"][i][c.latent_dim:], 0.0)
         assert int(ev["active_units"][i]) == int(single["active_units"])
+
+
+# ---------------------------------------------------------------------------
+# The launcher.
+
+SMALL_FLAGS = ["--config=experiments/configs/digits_mlp.py", "--config.encoder_hidden=(16,)",
+               "--config.decoder_hidden=(16,)", "--config.batch_size=16", "--config.eval_every=100",
+               "--config.log_every=100", "--config.checkpoint_every=100", "--config.num_images=4"]
+
+
+def launch(workdir, sweep_spec, *extra, backend="vmap", steps=200, check=None):
+    out = subprocess.run([sys.executable, "-m", "launch.sweep", *SMALL_FLAGS, f"--config.num_steps={steps}",
+                          f"--sweep={sweep_spec}", f"--backend={backend}", f"--workdir={workdir}", *extra],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check is not None:
+        assert out.returncode == check, out.stdout + out.stderr
+    return out
+
+
+def table_rows(stdout):
+    """{run: (before, outcome, tries)} from the launcher's closing table."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and "=" in parts[0] and parts[2] in ("completed", "resumed", "skipped", "failed"):
+            rows[parts[0]] = (parts[1], parts[2], int(parts[3]))
+    return rows
+
+
+def assert_complete(run_dir, num_steps, every=100):
+    rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    keys = [(r["step"], r["split"]) for r in rows]
+    assert sorted(keys) == sorted((s, sp) for s in range(0, num_steps + 1, every) for sp in ("train", "test"))
+    for name in ("config.json", "samples.png", "reconstructions.png"):
+        assert os.path.exists(os.path.join(run_dir, name))
+
+
+def test_vmap_launcher_failure_among_good_runs_then_idempotent_relaunch(tmp_path):
+    workdir = str(tmp_path / "sweep")
+    spec = "dataset=digits,npz latent_dim=2,4"
+    out = launch(workdir, spec, check=1)
+    rows = table_rows(out.stdout)
+    assert rows["dataset=digits,latent_dim=2"][1] == "completed"
+    assert rows["dataset=digits,latent_dim=4"][1] == "completed"
+    assert rows["dataset=npz,latent_dim=2"][1:] == ("failed", 2)  # tried, then retried once
+    assert "npz" in out.stdout and "0 failed" not in out.stdout
+    assert not os.path.exists(os.path.join(workdir, "dataset=npz,latent_dim=2"))  # nothing half-written
+    for k in (2, 4):
+        assert_complete(os.path.join(workdir, f"dataset=digits,latent_dim={k}"), 200)
+    # Only the good runs again: everything is skipped, nothing retrained.
+    before = os.path.getmtime(os.path.join(workdir, "dataset=digits,latent_dim=2", "metrics.jsonl"))
+    out = launch(workdir, "dataset=digits latent_dim=2,4", check=0)
+    assert {v[1] for v in table_rows(out.stdout).values()} == {"skipped"}
+    assert os.path.getmtime(os.path.join(workdir, "dataset=digits,latent_dim=2", "metrics.jsonl")) == before
+
+
+def test_vmap_launcher_killed_mid_sweep_resumes(tmp_path):
+    workdir = str(tmp_path / "sweep")
+    spec = "beta=0.5,2 latent_dim=2,6"
+    steps = 4000
+    proc = subprocess.Popen([sys.executable, "-m", "launch.sweep", *SMALL_FLAGS, f"--config.num_steps={steps}",
+                             f"--sweep={spec}", "--backend=vmap", f"--workdir={workdir}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = os.path.join(workdir, "beta=2,latent_dim=6", "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpt) and any(d.isdigit() and 0 < int(d) < steps for d in os.listdir(ckpt)):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = launch(workdir, spec, steps=steps, check=0)
+    rows = table_rows(out.stdout)
+    assert {v[0] for v in rows.values()} == {"partial"} and {v[1] for v in rows.values()} == {"resumed"}
+    for run in rows:
+        assert_complete(os.path.join(workdir, run), steps, every=100)
+
+
+def test_local_backend_runs_processes_and_matches_vmap(tmp_path):
+    out = launch(str(tmp_path / "local"), "beta=1,4 latent_dim=3", backend="local", check=0)
+    assert {v[1] for v in table_rows(out.stdout).values()} == {"completed"}
+    launch(str(tmp_path / "vmap"), "beta=1,4 latent_dim=3", check=0)
+    for run in ("beta=1,latent_dim=3", "beta=4,latent_dim=3"):
+        a = [json.loads(l) for l in open(tmp_path / "local" / run / "metrics.jsonl")]
+        b = [json.loads(l) for l in open(tmp_path / "vmap" / run / "metrics.jsonl")]
+        assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+        for ra, rb in zip(a, b):  # a standalone process and a vmapped member: same run
+            np.testing.assert_allclose(ra["neg_elbo"], rb["neg_elbo"], rtol=2e-3)
+
+
+def test_report_from_sweep(tmp_path):
+    workdir = str(tmp_path / "sweep")
+    launch(workdir, "beta=0.5,4 latent_dim=2,4 seed=0,1", steps=100, check=0)
+    subprocess.run([sys.executable, "-m", "experiments.report", f"--workdir={workdir}"], cwd=REPO,
+                   check=True, capture_output=True)
+    for name in ("rate_distortion", "active_units", "kl_per_dim", "kl_terms", "elbo_vs_beta"):
+        assert os.path.getsize(os.path.join(workdir, "figures", f"{name}.png")) > 5000
+    html = open(os.path.join(workdir, "report.html")).read()
+    assert "rate_distortion.png" in html and "beta=4,latent_dim=4,seed=1/samples.png" in html
+    df = analysis.load_sweep(workdir)
+    assert set(df.columns) >= {"run", "step", "split", "beta", "latent_dim", "seed", "neg_elbo", "kl_per_dim"}
+    assert df.run.nunique() == 8
+    s = analysis.summary(df)
+    assert len(s) == 4 and (s.seeds == 2).all()
+    f = analysis.final(df)
+    assert (f.step == 100).all()
