@@ -19,10 +19,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m launch.demo --workdir=runs/demo
+	$(PY) -m launch.sweep --config=experiments/configs/digits_mlp.py --backend=vmap --workdir=runs/demo
+	$(PY) -m experiments.report --workdir=runs/demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kl.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_sweep.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -26,3 +26,8 @@ def get_config():
     c.eval_batch_size = 512
     c.num_eval_train = 1437
     return c
+
+
+def get_sweep():
+    """The demo grid (`make demo`): β × k × seed, trained as one vmapped program."""
+    return "beta=0.25,1,4 latent_dim=2,8,16 seed=0,1"
