@@ -23,7 +23,6 @@ import runpy
 import subprocess
 import sys
 import time
-import traceback
 
 from absl import app
 from absl import flags
@@ -101,67 +100,13 @@ def _finish(run: Run, error: str | None) -> None:
 # vmap: groups of runs in one program, in this process.
 
 
-def run_group(configs: list[dict], workdirs: list[str]) -> list[str | None]:
-    """Trains runs as vmapped groups that fit the device; None or the error, per run.
-
-    Module-level and given plain dicts, so that Slurm tasks (submitit) can pickle it.
-    """
-    import jax  # pylint: disable=g-import-not-at-top
-    from vaekl import data, train  # pylint: disable=g-import-not-at-top
-
-    configs = [ml_collections.ConfigDict(c) for c in configs]
-    errors: list[str | None] = [None] * len(configs)
-    for idx in sweep_lib.groups(configs, max_size=len(configs)):
-        first = configs[idx[0]]
-        try:
-            ds = data.load(first.dataset, first.data_dir or None, test_fraction=first.test_fraction,
-                           seed=first.data_seed)
-        except Exception as e:  # pylint: disable=broad-except
-            for i in idx:
-                errors[i] = f"{type(e).__name__}: {e}"
-            continue
-        limit = _MAX_GROUP.value if flags.FLAGS.is_parsed() and _MAX_GROUP.value else \
-            _fitting_group_size([configs[i] for i in idx], ds)
-        for chunk in sweep_lib.groups([configs[i] for i in idx], limit):
-            members = [idx[j] for j in chunk]
-            logging.info("training %d run(s) in one program: %s", len(members),
-                         ", ".join(os.path.basename(workdirs[i]) for i in members))
-            try:
-                results = train.train_group([configs[i] for i in members], [workdirs[i] for i in members],
-                                            dataset=ds)
-            except Exception as e:  # pylint: disable=broad-except
-                logging.error("group failed: %s", traceback.format_exc())
-                results = [e] * len(members)
-            for i, r in zip(members, results):
-                errors[i] = f"{type(r).__name__}: {r}" if isinstance(r, Exception) else None
-            jax.clear_caches()
-    return errors
-
-
-def _fitting_group_size(configs: list[ml_collections.ConfigDict], ds) -> int:
-    """How many of these runs fit in half the device's memory, by sweep.bytes_per_run."""
-    import math  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    from vaekl import train  # pylint: disable=g-import-not-at-top
-
-    big = max(configs, key=lambda c: c.latent_dim)
-    _, state, _ = train.create(big, ds.image_shape, ds.train_images)
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    per_run = sweep_lib.bytes_per_run(big, n_params, math.prod(ds.image_shape))
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, int(0.5 * free // per_run))
-
-
 def backend_vmap(runs: list[Run]) -> None:
     todo = runs
     for _ in range(1 + _RETRIES.value):
         if not todo:
             break
-        errors = run_group([r.config.to_dict() for r in todo], [r.workdir for r in todo])
+        errors = sweep_lib.run_groups([r.config.to_dict() for r in todo], [r.workdir for r in todo],
+                                      _MAX_GROUP.value)
         for run, err in zip(todo, errors):
             _finish(run, err)
         todo = [r for r in todo if r.outcome == "failed"]
@@ -256,8 +201,8 @@ def backend_slurm(runs: list[Run]) -> None:
         if not todo:
             break
         tasks = [[todo[i] for i in g] for g in sweep_lib.groups([r.config for r in todo], max_group)]
-        jobs = executor.map_array(run_group, [[r.config.to_dict() for r in t] for t in tasks],
-                                  [[r.workdir for r in t] for t in tasks])
+        jobs = executor.map_array(sweep_lib.run_groups, [[r.config.to_dict() for r in t] for t in tasks],
+                                  [[r.workdir for r in t] for t in tasks], [_MAX_GROUP.value] * len(tasks))
         logging.info("submitted %d Slurm task(s): job %s", len(jobs), jobs[0].job_id.split("_")[0])
         for task, job in zip(tasks, jobs):
             try:

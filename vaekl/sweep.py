@@ -11,8 +11,10 @@ import ast
 import itertools
 import math
 import os
+import traceback
 from typing import Any
 
+from absl import logging
 import ml_collections
 
 from vaekl import rundir
@@ -125,3 +127,57 @@ def bytes_per_run(config: ml_collections.ConfigDict, num_params: int, image_size
         widths += 2 * image_size * sum(config.conv_channels)
     act = (config.batch_size + config.eval_batch_size) * (3 * image_size + 2 * widths)
     return 4 * (4 * num_params + 2 * act)
+
+
+def fitting_group_size(configs: list[ml_collections.ConfigDict], ds) -> int:
+    """How many of these runs fit in half the device's free memory, by :func:`bytes_per_run`."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from vaekl import train  # pylint: disable=g-import-not-at-top
+
+    big = max(configs, key=lambda c: c.latent_dim)
+    _, state, _ = train.create(big, ds.image_shape, ds.train_images)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    per_run = bytes_per_run(big, n_params, math.prod(ds.image_shape))
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, int(0.5 * free // per_run))
+
+
+def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0) -> list[str | None]:
+    """Trains runs as vmapped groups that fit the device (at most ``max_group`` runs each, if
+    > 0); for each run None, or the error that stopped it. Failures do not stop other runs.
+
+    Takes plain dicts so that Slurm tasks (submitit) can pickle the call.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    from vaekl import data, train  # pylint: disable=g-import-not-at-top
+
+    configs = [ml_collections.ConfigDict(c) for c in configs]
+    errors: list[str | None] = [None] * len(configs)
+    for idx in groups(configs, max_size=len(configs)):
+        first = configs[idx[0]]
+        try:
+            ds = data.load(first.dataset, first.data_dir or None, test_fraction=first.test_fraction,
+                           seed=first.data_seed)
+        except Exception as e:  # pylint: disable=broad-except
+            for i in idx:
+                errors[i] = f"{type(e).__name__}: {e}"
+            continue
+        limit = max_group or fitting_group_size([configs[i] for i in idx], ds)
+        for chunk in groups([configs[i] for i in idx], limit):
+            members = [idx[j] for j in chunk]
+            logging.info("training %d run(s) in one program: %s", len(members),
+                         ", ".join(os.path.basename(workdirs[i]) for i in members))
+            try:
+                results = train.train_group([configs[i] for i in members], [workdirs[i] for i in members],
+                                            dataset=ds)
+            except Exception as e:  # pylint: disable=broad-except
+                logging.error("group failed: %s", traceback.format_exc())
+                results = [e] * len(members)
+            for i, r in zip(members, results):
+                errors[i] = f"{type(r).__name__}: {r}" if isinstance(r, Exception) else None
+            jax.clear_caches()
+    return errors

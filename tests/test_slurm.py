@@ -1,0 +1,41 @@
+"""The Slurm backend against a real Slurm: a one-node cluster on this machine.
+
+`.ci/run` installs Debian's slurmctld, slurmd and munge and starts the cluster with
+tests/slurm/start_cluster.sh; without a cluster these tests are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from test_sweep import assert_complete, launch, table_rows
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+pytestmark = pytest.mark.skipif(
+    not _cluster_up(),
+    reason="no Slurm cluster here: install slurmctld, slurmd, slurm-client and munge, then run "
+           "tests/slurm/start_cluster.sh as root (.ci/run does both)")
+
+
+def test_slurm_backend_runs_a_job_array_and_relaunch_skips(tmp_path):
+    workdir = str(tmp_path / "sweep")
+    spec = "beta=1,4 latent_dim=2,3"
+    out = launch(workdir, spec, "--max_group=2", "--slurm_cpus_per_task=1", backend="slurm", check=0)
+    rows = table_rows(out.stdout)
+    assert len(rows) == 4 and {v[1] for v in rows.values()} == {"completed"}
+    for run in rows:
+        assert_complete(f"{workdir}/{run}", 200)
+    # Two tasks of two runs each went through sbatch as one array.
+    assert "submitted 2 Slurm task(s)" in out.stderr
+    out = launch(workdir, spec, backend="slurm", check=0)
+    assert {v[1] for v in table_rows(out.stdout).values()} == {"skipped"}
