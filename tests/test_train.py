@@ -73,6 +73,9 @@ def test_run_writes_everything_and_metrics_are_consistent(tmp_path):
             0.5 * (row.kl_trace + row.kl_mahalanobis - row.kl_dim + row.kl_log_det_ratio), row.kl,
             rtol=1e-3, atol=1e-3)
         assert row.kl_dim == config.latent_dim
+        for term in ("kl_trace", "kl_mahalanobis", "kl_log_det_ratio"):
+            assert len(row[f"{term}_per_dim"]) == config.latent_dim
+            np.testing.assert_allclose(sum(row[f"{term}_per_dim"]), row[term], rtol=1e-4, atol=1e-5)
         assert 0 <= row.active_units <= config.latent_dim
         assert row.active_units == sum(v > 0.01 for v in row.au_variance)
     test = df[df.split == "test"].sort_values("step")

@@ -85,7 +85,8 @@ def per_example(model: VAE, x: jax.Array, key: jax.Array,
 
     Returns:
       recon [B] (−log p(x|z), z ~ q), kl_per_dim [B, k], kl_trace / kl_mahalanobis /
-      kl_log_det_ratio / kl_dim [B] (the KL terms), and posterior_mean [B, k].
+      kl_log_det_ratio / kl_dim [B] (the KL terms), the first three also per dimension
+      (``*_per_dim`` [B, k]), and posterior_mean [B, k].
     """
     q = model.encode(x)
     z = q.sample(key)
@@ -94,15 +95,12 @@ def per_example(model: VAE, x: jax.Array, key: jax.Array,
     p = model.prior()
     kl_per_dim = gaussian.kl(q, p, per_dim=True) * mask
     terms = gaussian.kl_terms(q, p, per_dim=True)
-    return {
-        "recon": recon,
-        "kl_per_dim": kl_per_dim,
-        "kl_trace": jnp.sum(terms.trace * mask, -1),
-        "kl_mahalanobis": jnp.sum(terms.mahalanobis * mask, -1),
-        "kl_log_det_ratio": jnp.sum(terms.log_det_ratio * mask, -1),
-        "kl_dim": jnp.sum(terms.dim * mask, -1),
-        "posterior_mean": q.mean * mask,
-    }
+    out = {"recon": recon, "kl_per_dim": kl_per_dim, "posterior_mean": q.mean * mask}
+    for name, term in zip(("kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim"), terms):
+        out[name] = jnp.sum(term * mask, -1)
+        if name != "kl_dim":
+            out[name + "_per_dim"] = term * mask
+    return out
 
 
 def loss(model: VAE, x: jax.Array, key: jax.Array, step: jax.Array, beta: jax.Array,

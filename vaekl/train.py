@@ -34,6 +34,8 @@ from vaekl.objectives import Objective
 
 SCALARS = ("loss", "neg_elbo", "recon", "kl", "kl_trace", "kl_mahalanobis",
            "kl_log_det_ratio", "kl_dim", "beta", "beta_weight", "capacity")
+PER_DIM = ("kl_per_dim", "au_variance", "kl_trace_per_dim", "kl_mahalanobis_per_dim",
+           "kl_log_det_ratio_per_dim")  # lists of k numbers in metrics.jsonl
 
 
 class TrainState(NamedTuple):
@@ -273,7 +275,8 @@ def _restore_start(members: list[Member]) -> int | None:
 def _member_rows(step: int, evals: dict[str, dict], i: int, k: int) -> list[dict]:
     rows = eval_rows(step, {split: jax.tree.map(lambda a: a[i], ev) for split, ev in evals.items()})
     for r in rows:
-        r["kl_per_dim"], r["au_variance"] = r["kl_per_dim"][:k], r["au_variance"][:k]
+        for name in PER_DIM:
+            r[name] = r[name][:k]
     return rows
 
 
@@ -413,9 +416,9 @@ def eval_rows(step: int, evals: dict[str, dict]) -> list[dict]:
     for split, m in evals.items():
         row = {"step": int(step), "split": split}
         row.update({k: float(m[k]) for k in SCALARS})
-        row["kl_per_dim"] = [float(v) for v in m["kl_per_dim"]]
         row["active_units"] = int(m["active_units"])
-        row["au_variance"] = [float(v) for v in m["au_variance"]]
+        for k in PER_DIM:
+            row[k] = [float(v) for v in m[k]]
         rows.append(row)
     return rows
 

@@ -1,0 +1,231 @@
+r"""Turns the reproduction runs into results.json files and figures, and the README table.
+
+    python -m experiments.reproduce.summarize --runs=runs --out=docs/reproductions
+
+Reads (each optional; missing ones are reported and left out):
+  runs/iwae_vae/eval.json + config.json        IWAE Table 1, VAE row
+  runs/linear_vae/results.json                 linear VAE vs pPCA theory
+  runs/rate_distortion/                        β sweep on MNIST
+  runs/collapse_mnist/, runs/collapse_fashion/ k sweeps at β = 1
+and writes OUT/<name>.json and OUT/<name>.png for each, OUT/table.md, and the table into
+README.md between the reproduction markers, so the README's numbers come from files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from vaekl import analysis
+
+_RUNS = flags.DEFINE_string("runs", "runs", "Directory holding the reproduction runs.")
+_OUT = flags.DEFINE_string("out", "docs/reproductions", "Where results and figures go.")
+_README = flags.DEFINE_string("readme", "README.md", "README to update ('' to skip).")
+
+START, END = "<!-- reproductions:start -->", "<!-- reproductions:end -->"
+
+
+def _save(out: str, name: str, result: dict, fig=None) -> None:
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(result, f, indent=2, default=float)
+    if fig is not None:
+        fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
+        plt.close(fig)
+
+
+def iwae(runs: str, out: str) -> dict | None:
+    run = os.path.join(runs, "iwae_vae")
+    if not os.path.exists(os.path.join(run, "eval.json")):
+        return None
+    ev = json.load(open(os.path.join(run, "eval.json")))
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    epochs = ev["step"] * cfg["batch_size"] / 24345
+    result = {"published_nll": 86.76, "published_active_units": 19, "nll": ev["nll"], "K": ev["num_samples"],
+              "neg_elbo": ev["neg_elbo"], "active_units": ev["active_units"], "steps": ev["step"],
+              "epochs": epochs, "train_images": 24345,
+              "note": f"{epochs:.0f} of the paper's 3,280 epochs (its 8-stage schedule compressed), "
+                      f"24,345 training images instead of 60,000; active units on the test set"}
+    _save(out, "iwae_vae", result)
+    return result
+
+
+def linear(runs: str, out: str) -> dict | None:
+    path = os.path.join(runs, "linear_vae", "results.json")
+    if not os.path.exists(path):
+        return None
+    res = json.load(open(path))
+    errs = [np.abs(np.asarray(r["kl_per_dim"]) - np.asarray(r["kl_per_dim_theory"])) for r in res["runs"]]
+    ratio = [np.exp(2 * np.asarray(r["kl_per_dim_theory"])) for r in res["runs"]]
+    clear = [e[(q >= 2) | (np.asarray(r["kl_per_dim_theory"]) == 0)] for e, q, r in zip(errs, ratio, res["runs"])]
+    result = {"runs": len(res["runs"]),
+              "max_abs_err_clear": float(max(c.max() for c in clear if c.size)),
+              "max_abs_err_all": float(max(e.max() for e in errs)),
+              "collapsed_exact": int(sum(r["collapsed"] == r["collapsed_theory"] for r in res["runs"])),
+              "per_run": [{k: r[k] for k in ("beta", "latent_dim", "kl", "kl_theory", "collapsed",
+                                              "collapsed_theory")} for r in res["runs"]]}
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.copy(os.path.join(runs, "linear_vae", "linear_vae.png"), os.path.join(out, "linear_vae.png"))
+    _save(out, "linear_vae", result)
+    return result
+
+
+def rate_distortion(runs: str, out: str) -> dict | None:
+    sweep = os.path.join(runs, "rate_distortion")
+    if not os.path.isdir(sweep):
+        return None
+    f = analysis.final(analysis.load_sweep(sweep)).sort_values("beta")
+    rate, dist, beta = f.kl.to_numpy(), f.recon.to_numpy(), f.beta.to_numpy()
+    best = float((rate + dist).min())
+    result = {"beta": beta.tolist(), "rate": rate.tolist(), "distortion": dist.tolist(),
+              "neg_elbo": (rate + dist).tolist(), "best_neg_elbo": best,
+              "best_beta": float(beta[np.argmin(rate + dist)]),
+              "rate_decreasing": bool(np.all(np.diff(rate) < 0)),
+              "distortion_increasing": bool(np.all(np.diff(dist) > 0)),
+              "all_on_or_above_best_line": bool(np.all(rate + dist >= best - 1e-9))}
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot(rate, dist, "o-")
+    for r, d, b in zip(rate, dist, beta):
+        ax.annotate(f"β={b:g}", (r, d), fontsize=8, xytext=(4, 2), textcoords="offset points")
+    xs = np.linspace(0, rate.max() * 1.05, 50)
+    ax.plot(xs, best - xs, "k--", lw=1, label=f"D + R = {best:.1f} (best −ELBO)")
+    ax.set_xlabel("rate R = KL [nats]")
+    ax.set_ylabel("distortion D = −E log p(x|z) [nats]")
+    ax.set_title("β sweep on MNIST (test)")
+    ax.legend()
+    fig.tight_layout()
+    _save(out, "rate_distortion", result, fig)
+    return result
+
+
+def collapse(runs: str, out: str) -> dict | None:
+    found = {name: os.path.join(runs, f"collapse_{name}") for name in ("mnist", "fashion")}
+    found = {k: v for k, v in found.items() if os.path.isdir(v)}
+    if not found:
+        return None
+    result, fig, axes = {}, *plt.subplots(1, 2, figsize=(10, 4))
+    for name, sweep in found.items():
+        f = analysis.final(analysis.load_sweep(sweep)).sort_values("latent_dim")
+        result[name] = {"latent_dim": f.latent_dim.tolist(), "active_units": f.active_units.tolist(),
+                        "kl": f.kl.tolist(), "neg_elbo": f.neg_elbo.tolist(),
+                        "kl_per_dim_sorted": [sorted(v, reverse=True) for v in f.kl_per_dim]}
+        axes[0].plot(f.latent_dim, f.active_units, "o-", label=name)
+        for k, v in zip(f.latent_dim, f.kl_per_dim):
+            axes[1].plot(np.arange(1, k + 1), sorted(v, reverse=True), "-", alpha=0.7,
+                         label=f"{name} k={k}" if k in (8, 32, 128) else None)
+    axes[0].plot([2, 128], [2, 128], "k:", lw=1)
+    axes[0].set(xscale="log", xlabel="latent dimension k", ylabel="active units", title="Active units vs k (β = 1)")
+    axes[1].set(xscale="log", yscale="log", xlabel="latent dimension (sorted)", ylabel="KL [nats]",
+                title="KL per dimension")
+    axes[0].legend()
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    _save(out, "collapse_vs_k", result, fig)
+    return result
+
+
+def kl_terms(runs: str, out: str) -> dict | None:
+    """Per-dimension terms over training for the collapse sweep's k = 64 run on MNIST."""
+    sweep = os.path.join(runs, "collapse_mnist")
+    if not os.path.isdir(sweep):
+        return None
+    df = analysis.load_sweep(sweep)
+    k = 64 if (df.latent_dim == 64).any() else int(df.latent_dim.max())
+    d = df[(df.latent_dim == k) & (df.split == "test")].sort_values("step")
+    last = d.iloc[-1]
+    kl = np.asarray(last.kl_per_dim)
+    active, collapsed = int(np.argmax(kl)), int(np.argmin(kl))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    result = {"run": last.run}
+    for ax, dim, label in ((axes[0], active, "active"), (axes[1], collapsed, "collapsed")):
+        tr = np.array([r[dim] for r in d.kl_trace_per_dim])
+        ma = np.array([r[dim] for r in d.kl_mahalanobis_per_dim])
+        ld = np.array([r[dim] for r in d.kl_log_det_ratio_per_dim])
+        ax.plot(d.step, 0.5 * (tr - 1), label="½(σ² − 1)  [trace − 1]")
+        ax.plot(d.step, 0.5 * ma, label="½ μ²  [Mahalanobis]")
+        ax.plot(d.step, 0.5 * ld, label="−½ log σ²  [log-det]")
+        ax.plot(d.step, [r[dim] for r in d.kl_per_dim], "k", lw=2, label="KL of the dimension")
+        ax.set_title(f"{label} dimension {dim} of {last.run} (test)", fontsize=9)
+        ax.set_xlabel("step")
+        result[label] = {"dim": dim, "kl": float(kl[dim]), "half_trace_minus_1": float(0.5 * (tr[-1] - 1)),
+                         "half_mahalanobis": float(0.5 * ma[-1]), "half_log_det": float(0.5 * ld[-1])}
+    axes[0].set_ylabel("nats")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    a = result["active"]
+    result["active_log_det_dominates"] = bool(a["half_log_det"] > max(a["half_trace_minus_1"], 0)
+                                               and a["half_log_det"] > a["half_mahalanobis"] / 2)
+    c = result["collapsed"]
+    result["collapsed_terms_cancel"] = bool(abs(c["half_trace_minus_1"]) < 0.02 and abs(c["half_log_det"]) < 0.02
+                                            and c["half_mahalanobis"] < 0.02)
+    _save(out, "kl_terms", result, fig)
+    return result
+
+
+def table(results: dict) -> str:
+    rows = ["| reproduction | published | ours | command | data | notes |", "|---|---|---|---|---|---|"]
+    if results.get("iwae"):
+        r = results["iwae"]
+        rows.append(f"| IWAE Table 1, VAE k=1 (Burda et al. 2016) | NLL 86.76, 19 AU | NLL {r['nll']:.2f} "
+                    f"(K={r['K']}), −ELBO {r['neg_elbo']:.2f}, {r['active_units']} AU | "
+                    f"`experiments/reproduce/iwae_vae_k1.py` + `experiments.evaluate` | MNIST, 24,345 train "
+                    f"images | {r['note']} |")
+    if results.get("linear"):
+        r = results["linear"]
+        rows.append(f"| Linear VAE = pPCA (Lucas et al. 2019) | KLᵢ = ½log(λᵢ/βσ²), collapse iff λᵢ ≤ βσ² | "
+                    f"max \\|ΔKLᵢ\\| {r['max_abs_err_clear']:.3f} nats (λᵢ/βσ² ∉ (½, 2)); collapsed sets "
+                    f"exact in {r['collapsed_exact']}/{r['runs']} runs | `experiments.reproduce.linear_vae` | "
+                    f"synthetic, known spectrum | near-threshold dims (ratio √2) converge slowly: "
+                    f"max \\|ΔKLᵢ\\| over all dims {r['max_abs_err_all']:.3f} |")
+    if results.get("rd"):
+        r = results["rd"]
+        rows.append(f"| Rate–distortion under β (Alemi et al. 2018) | R ↓, D ↑ with β; points on/above the "
+                    f"best D+R line | R ↓: {r['rate_decreasing']}, D ↑: {r['distortion_increasing']}, "
+                    f"best −ELBO {r['best_neg_elbo']:.2f} at β={r['best_beta']:g} | "
+                    f"`launch.sweep --config=experiments/reproduce/mnist_rate_distortion.py` | MNIST subset | "
+                    f"qualitative (the paper reports no single number for this setting) |")
+    if results.get("collapse"):
+        r = results["collapse"]
+        parts = [f"{n}: AU {r[n]['active_units']} for k={r[n]['latent_dim']}" for n in r]
+        rows.append(f"| Posterior collapse vs k (β=1) | active units saturate as k grows | {'; '.join(parts)} | "
+                    f"`launch.sweep --config=experiments/reproduce/collapse_vs_k.py` | MNIST subset, "
+                    f"Fashion-MNIST | |")
+    if results.get("terms"):
+        r = results["terms"]
+        rows.append(f"| KL terms in training (this project) | collapsed: σ²→1, μ→0, terms cancel; active: "
+                    f"log-det dominates | collapsed cancel: {r['collapsed_terms_cancel']}; active log-det "
+                    f"dominates: {r['active_log_det_dominates']} ({r['run']}) | "
+                    f"`experiments.reproduce.summarize` | MNIST subset | see kl_terms.png |")
+    return "\n".join(rows)
+
+
+def main(argv):
+    del argv
+    os.makedirs(_OUT.value, exist_ok=True)
+    results = {"iwae": iwae(_RUNS.value, _OUT.value), "linear": linear(_RUNS.value, _OUT.value),
+               "rd": rate_distortion(_RUNS.value, _OUT.value), "collapse": collapse(_RUNS.value, _OUT.value),
+               "terms": kl_terms(_RUNS.value, _OUT.value)}
+    for k, v in results.items():
+        print(f"{k}: {'ok' if v else 'missing (not run)'}")
+    md = table(results)
+    with open(os.path.join(_OUT.value, "table.md"), "w") as f:
+        f.write(md + "\n")
+    if _README.value:
+        text = open(_README.value).read()
+        if START in text and END in text:
+            head, rest = text.split(START, 1)
+            text = head + START + "\n" + md + "\n" + END + rest.split(END, 1)[1]
+            with open(_README.value, "w") as f:
+                f.write(text)
+    print(md)
+
+
+if __name__ == "__main__":
+    app.run(main)
