@@ -200,7 +200,8 @@ def backend_slurm(runs: list[Run]) -> None:
     for _ in range(1 + _RETRIES.value):
         if not todo:
             break
-        tasks = [[todo[i] for i in g] for g in sweep_lib.groups([r.config for r in todo], max_group)]
+        starts = [sweep_lib.latest_checkpoint(r.workdir) for r in todo]
+        tasks = [[todo[i] for i in g] for g in sweep_lib.groups([r.config for r in todo], max_group, starts)]
         jobs = executor.map_array(sweep_lib.run_groups, [[r.config.to_dict() for r in t] for t in tasks],
                                   [[r.workdir for r in t] for t in tasks], [_MAX_GROUP.value] * len(tasks))
         logging.info("submitted %d Slurm task(s): job %s", len(jobs), jobs[0].job_id.split("_")[0])

@@ -66,6 +66,10 @@ def test_groups_split_by_shared_fields_and_size():
         assert len(g) <= 4
         assert len({configs[i].batch_size for i in g}) == 1
         assert [configs[i].latent_dim for i in g] == sorted(configs[i].latent_dim for i in g)
+    # A run that has trained to step 100 never shares a program with new runs.
+    starts = [100 if i == 3 else None for i in range(12)]
+    gs = sweep.groups(configs, max_size=12, starts=starts)
+    assert [3] in gs and sorted(i for g in gs for i in g) == list(range(12))
 
 
 # ---------------------------------------------------------------------------

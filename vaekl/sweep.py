@@ -84,29 +84,39 @@ def apply(base: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_coll
 
 def status(workdir: str, config: ml_collections.ConfigDict) -> str:
     """'done' (final checkpoint, metrics and images), 'partial' (resumable) or 'new'."""
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    if not steps:
+    latest = latest_checkpoint(workdir)
+    if latest is None:
         return "new"
     rows = rundir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
     final = {r["split"] for r in rows if r["step"] == config.num_steps}
     images = config.num_images == 0 or os.path.exists(os.path.join(workdir, "samples.png"))
-    if max(steps) >= config.num_steps and final == {"train", "test"} and images:
+    if latest >= config.num_steps and final == {"train", "test"} and images:
         return "done"
     return "partial"
 
 
-def groups(configs: list[ml_collections.ConfigDict], max_size: int) -> list[list[int]]:
+def latest_checkpoint(workdir: str) -> int | None:
+    """The step of the newest checkpoint in ``workdir`` (None if it has none)."""
+    ckpt = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+    return max(steps) if steps else None
+
+
+def groups(configs: list[ml_collections.ConfigDict], max_size: int,
+           starts: list[int | None] | None = None) -> list[list[int]]:
     """Indices of runs that can share one vmapped program, in chunks of at most ``max_size``.
 
-    Within a chunk, runs are ordered by latent_dim so that padding to the largest k wastes
-    little when a grid has to be split.
+    Runs share a program when they differ only in β, k and seed and, if ``starts`` (their
+    latest checkpoint steps) is given, resume from the same step: a partly trained run is
+    never grouped with a new one (which would restart it). Within a chunk, runs are ordered
+    by latent_dim so that padding to the largest k wastes little when a grid is split.
     """
     from vaekl.train import group_key  # pylint: disable=g-import-not-at-top
 
+    starts = starts or [None] * len(configs)
     by_key: dict[str, list[int]] = {}
     for i, c in enumerate(configs):
-        by_key.setdefault(group_key(c), []).append(i)
+        by_key.setdefault(group_key(c) + f"@{starts[i]}", []).append(i)
     out = []
     for members in by_key.values():
         members = sorted(members, key=lambda i: configs[i].latent_dim)
@@ -157,7 +167,8 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0) -> 
 
     configs = [ml_collections.ConfigDict(c) for c in configs]
     errors: list[str | None] = [None] * len(configs)
-    for idx in groups(configs, max_size=len(configs)):
+    starts = [latest_checkpoint(w) for w in workdirs]
+    for idx in groups(configs, max_size=len(configs), starts=starts):
         first = configs[idx[0]]
         try:
             ds = data.load(first.dataset, first.data_dir or None, test_fraction=first.test_fraction,
@@ -167,7 +178,7 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0) -> 
                 errors[i] = f"{type(e).__name__}: {e}"
             continue
         limit = max_group or fitting_group_size([configs[i] for i in idx], ds)
-        for chunk in groups([configs[i] for i in idx], limit):
+        for chunk in groups([configs[i] for i in idx], limit, [starts[i] for i in idx]):
             members = [idx[j] for j in chunk]
             logging.info("training %d run(s) in one program: %s", len(members),
                          ", ".join(os.path.basename(workdirs[i]) for i in members))
