@@ -192,7 +192,7 @@ def test_vmap_launcher_failure_among_good_runs_then_idempotent_relaunch(tmp_path
 
 def test_vmap_launcher_killed_mid_sweep_resumes(tmp_path):
     workdir = str(tmp_path / "sweep")
-    spec = "beta=0.5,2 latent_dim=2,6"
+    spec = "beta=0.5,2 latent_dim=6"
     steps = 4000
     proc = subprocess.Popen([sys.executable, "-m", "launch.sweep", *SMALL_FLAGS, f"--config.num_steps={steps}",
                              f"--sweep={spec}", "--backend=vmap", f"--workdir={workdir}"],
@@ -214,7 +214,7 @@ def test_vmap_launcher_killed_mid_sweep_resumes(tmp_path):
 
 
 def test_local_backend_runs_processes_and_matches_vmap(tmp_path):
-    out = launch(str(tmp_path / "local"), "beta=1,4 latent_dim=3", backend="local", check=0)
+    out = launch(str(tmp_path / "local"), "beta=1,4 latent_dim=3", "--parallel=2", backend="local", check=0)
     assert {v[1] for v in table_rows(out.stdout).values()} == {"completed"}
     launch(str(tmp_path / "vmap"), "beta=1,4 latent_dim=3", check=0)
     for run in ("beta=1,latent_dim=3", "beta=4,latent_dim=3"):
