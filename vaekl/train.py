@@ -259,12 +259,12 @@ def _restore_start(members: list[Member]) -> int | None:
     if all(s is None for s in latest):
         return None
     if any(s is None for s in latest):
-        start = None
-    else:
-        start = min(latest)
+        raise ValueError("a group mixes new runs with partly trained ones, which would restart "
+                         "them; group runs by their latest checkpoint (vaekl.sweep.groups does)")
+    start = min(latest)
     for m in members:
-        later = [s for s in m.mgr.all_steps() if start is None or s > start]
-        if start is not None and start not in m.mgr.all_steps():
+        later = [s for s in m.mgr.all_steps() if s > start]
+        if start not in m.mgr.all_steps():
             raise ValueError(f"cannot resume {m.workdir} at step {start} with its group (it has "
                              f"checkpoints {m.mgr.all_steps()}); run it on its own")
         for s in later:
