@@ -33,6 +33,19 @@ _README = flags.DEFINE_string("readme", "README.md", "README to update ('' to sk
 START, END = "<!-- reproductions:start -->", "<!-- reproductions:end -->"
 
 
+def wall_minutes(*run_dirs: str, end_file: str = "samples.png") -> float:
+    """Minutes from the first run's config.json to the last run's ``end_file`` (file times)."""
+    starts = [os.path.getmtime(os.path.join(d, "config.json")) for d in run_dirs]
+    ends = [os.path.getmtime(os.path.join(d, end_file)) for d in run_dirs
+            if os.path.exists(os.path.join(d, end_file))]
+    return (max(ends) - min(starts)) / 60 if ends else float("nan")
+
+
+def _sweep_runs(sweep: str) -> list[str]:
+    return [os.path.join(sweep, d) for d in os.listdir(sweep)
+            if os.path.exists(os.path.join(sweep, d, "config.json"))]
+
+
 def _save(out: str, name: str, result: dict, fig=None) -> None:
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
@@ -51,6 +64,8 @@ def iwae(runs: str, out: str) -> dict | None:
     result = {"published_nll": 86.76, "published_active_units": 19, "nll": ev["nll"], "K": ev["num_samples"],
               "neg_elbo": ev["neg_elbo"], "active_units": ev["active_units"], "steps": ev["step"],
               "epochs": epochs, "train_images": 24345,
+              "train_minutes": wall_minutes(run), "eval_minutes": wall_minutes(run, end_file="eval.json")
+              - wall_minutes(run),
               "note": f"{epochs:.0f} of the paper's 3,280 epochs (its 8-stage schedule compressed), "
                       f"24,345 training images instead of 60,000; active units on the test set"}
     _save(out, "iwae_vae", result)
@@ -69,6 +84,7 @@ def linear(runs: str, out: str) -> dict | None:
               "max_abs_err_clear": float(max(c.max() for c in clear if c.size)),
               "max_abs_err_all": float(max(e.max() for e in errs)),
               "collapsed_exact": int(sum(r["collapsed"] == r["collapsed_theory"] for r in res["runs"])),
+              "minutes": (os.path.getmtime(path) - os.path.getmtime(os.path.join(runs, "linear_vae", "data.npz"))) / 60,
               "per_run": [{k: r[k] for k in ("beta", "latent_dim", "kl", "kl_theory", "collapsed",
                                               "collapsed_theory")} for r in res["runs"]]}
     import shutil  # pylint: disable=g-import-not-at-top
@@ -89,7 +105,8 @@ def rate_distortion(runs: str, out: str) -> dict | None:
               "best_beta": float(beta[np.argmin(rate + dist)]),
               "rate_decreasing": bool(np.all(np.diff(rate) < 0)),
               "distortion_increasing": bool(np.all(np.diff(dist) > 0)),
-              "all_on_or_above_best_line": bool(np.all(rate + dist >= best - 1e-9))}
+              "all_on_or_above_best_line": bool(np.all(rate + dist >= best - 1e-9)),
+              "minutes": wall_minutes(*_sweep_runs(sweep))}
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.plot(rate, dist, "o-")
     for r, d, b in zip(rate, dist, beta):
@@ -113,7 +130,8 @@ def collapse(runs: str, out: str) -> dict | None:
     result, fig, axes = {}, *plt.subplots(1, 2, figsize=(10, 4))
     for name, sweep in found.items():
         f = analysis.final(analysis.load_sweep(sweep)).sort_values("latent_dim")
-        result[name] = {"latent_dim": f.latent_dim.tolist(), "active_units": f.active_units.tolist(),
+        result[name] = {"minutes": wall_minutes(*_sweep_runs(sweep)),
+                        "latent_dim": f.latent_dim.tolist(), "active_units": f.active_units.tolist(),
                         "kl": f.kl.tolist(), "neg_elbo": f.neg_elbo.tolist(),
                         "kl_per_dim_sorted": [sorted(v, reverse=True) for v in f.kl_per_dim]}
         axes[0].plot(f.latent_dim, f.active_units, "o-", label=name)
@@ -170,19 +188,20 @@ def kl_terms(runs: str, out: str) -> dict | None:
 
 
 def table(results: dict) -> str:
-    rows = ["| reproduction | published | ours | command | data | notes |", "|---|---|---|---|---|---|"]
+    rows = ["| reproduction | published | ours | command | data | time (2 CPU cores) | notes |",
+            "|---|---|---|---|---|---|---|"]
     if results.get("iwae"):
         r = results["iwae"]
         rows.append(f"| IWAE Table 1, VAE k=1 (Burda et al. 2016) | NLL 86.76, 19 AU | NLL {r['nll']:.2f} "
                     f"(K={r['K']}), −ELBO {r['neg_elbo']:.2f}, {r['active_units']} AU | "
                     f"`experiments/reproduce/iwae_vae_k1.py` + `experiments.evaluate` | MNIST, 24,345 train "
-                    f"images | {r['note']} |")
+                    f"images | {r['train_minutes']:.0f} min train + {r['eval_minutes']:.0f} min eval | {r['note']} |")
     if results.get("linear"):
         r = results["linear"]
         rows.append(f"| Linear VAE = pPCA (Lucas et al. 2019) | KLᵢ = ½log(λᵢ/βσ²), collapse iff λᵢ ≤ βσ² | "
                     f"max \\|ΔKLᵢ\\| {r['max_abs_err_clear']:.3f} nats (λᵢ/βσ² ∉ (½, 2)); collapsed sets "
                     f"exact in {r['collapsed_exact']}/{r['runs']} runs | `experiments.reproduce.linear_vae` | "
-                    f"synthetic, known spectrum | near-threshold dims (ratio √2) converge slowly: "
+                    f"synthetic, known spectrum | {r['minutes']:.1f} min | near-threshold dims (ratio √2) converge slowly: "
                     f"max \\|ΔKLᵢ\\| over all dims {r['max_abs_err_all']:.3f} |")
     if results.get("rd"):
         r = results["rd"]
@@ -190,19 +209,20 @@ def table(results: dict) -> str:
                     f"best D+R line | R ↓: {r['rate_decreasing']}, D ↑: {r['distortion_increasing']}, "
                     f"best −ELBO {r['best_neg_elbo']:.2f} at β={r['best_beta']:g} | "
                     f"`launch.sweep --config=experiments/reproduce/mnist_rate_distortion.py` | MNIST subset | "
-                    f"qualitative (the paper reports no single number for this setting) |")
+                    f"{r['minutes']:.1f} min | qualitative (the paper reports no single number for this setting) |")
     if results.get("collapse"):
         r = results["collapse"]
         parts = [f"{n}: AU {r[n]['active_units']} for k={r[n]['latent_dim']}" for n in r]
+        minutes = " + ".join(f"{r[n]['minutes']:.1f}" for n in r)
         rows.append(f"| Posterior collapse vs k (β=1) | active units saturate as k grows | {'; '.join(parts)} | "
                     f"`launch.sweep --config=experiments/reproduce/collapse_vs_k.py` | MNIST subset, "
-                    f"Fashion-MNIST | |")
+                    f"Fashion-MNIST | {minutes} min | 8,000 steps each |")
     if results.get("terms"):
         r = results["terms"]
         rows.append(f"| KL terms in training (this project) | collapsed: σ²→1, μ→0, terms cancel; active: "
                     f"log-det dominates | collapsed cancel: {r['collapsed_terms_cancel']}; active log-det "
                     f"dominates: {r['active_log_det_dominates']} ({r['run']}) | "
-                    f"`experiments.reproduce.summarize` | MNIST subset | see kl_terms.png |")
+                    f"`experiments.reproduce.summarize` | MNIST subset | (from the k sweep) | see kl_terms.png |")
     return "\n".join(rows)
 
 
