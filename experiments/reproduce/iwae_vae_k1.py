@@ -20,7 +20,8 @@ import os
 
 from vaekl import config as config_lib
 
-_NPZ = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "mnist_partial.npz")
+_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data",
+                    "mnist_partial.npz")
 EPOCHS = 3280
 
 
