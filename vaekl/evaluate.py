@@ -67,21 +67,11 @@ def iwae_log_likelihood(model: VAE, x: jax.Array, key: jax.Array, num_samples: i
     return m + jnp.log(s) - math.log(num_samples)
 
 
-def _batched(fn, x: jax.Array, batch_size: int):
-    """fn over x [N, ...] in batches (padding the last one), concatenated to [N, ...]."""
-    n = x.shape[0]
-    bs = min(batch_size, n)
-    nb = -(-n // bs)
-    xp = jnp.concatenate([x, jnp.zeros((nb * bs - n, *x.shape[1:]), x.dtype)])
-    out = jax.lax.map(fn, (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)))
-    return jax.tree.map(lambda a: a.reshape(nb * bs, *a.shape[2:])[:n], out)
-
-
 def test_log_likelihood(model: VAE, x: jax.Array, key: jax.Array, num_samples: int,
                         chunk: int = 100, batch_size: int = 100) -> jax.Array:
     """[N] IWAE estimates of log p(x) for every example of x [N, H, W, C]."""
-    return _batched(lambda a: iwae_log_likelihood(model, a[0], jax.random.fold_in(key, a[1]),
-                                                  num_samples, chunk), x, batch_size)
+    return train.batched_map(lambda xb, i: iwae_log_likelihood(model, xb, jax.random.fold_in(key, i),
+                                                               num_samples, chunk), x, batch_size)
 
 
 def mutual_information(model: VAE, x: jax.Array, key: jax.Array, chunk: int = 64) -> jax.Array:
@@ -97,7 +87,7 @@ def mutual_information(model: VAE, x: jax.Array, key: jax.Array, chunk: int = 64
 
     if not q.is_diagonal:  # full covariances broadcast a [C, N, k, k] table: keep it ~200 MB
         chunk = max(1, min(chunk, int(5e7 // (n * q.latent_dim**2))))
-    log_q_z = _batched(lambda a: log_q_marginal(a[0]), z, chunk)
+    log_q_z = train.batched_map(lambda zb, _: log_q_marginal(zb), z, chunk)
     return jnp.mean(log_q_own - log_q_z)
 
 

@@ -51,10 +51,9 @@ def write_config(workdir: str, config: Mapping) -> None:
     """Writes config.json, after :func:`check_config`."""
     check_config(workdir, config)
     path = os.path.join(workdir, "config.json")
-    new = json.loads(json.dumps(_jsonable_dict(config)))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
+        json.dump(_jsonable_dict(config), f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 

@@ -134,6 +134,17 @@ def run_steps(state: TrainState, images: jax.Array, beta: jax.Array, key: jax.Ar
 # Evaluation.
 
 
+def batched_map(fn, x: jax.Array, batch_size: int):
+    """``fn(batch, batch_index)`` over x [N, ...] in batches (the last one zero-padded), with
+    ``lax.map``; the per-example outputs concatenated back to [N, ...]."""
+    n = x.shape[0]
+    bs = min(batch_size, n)
+    nb = -(-n // bs)
+    xp = jnp.concatenate([x, jnp.zeros((nb * bs - n, *x.shape[1:]), x.dtype)])
+    out = jax.lax.map(lambda a: fn(*a), (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)))
+    return jax.tree.map(lambda a: a.reshape(nb * bs, *a.shape[2:])[:n], out)
+
+
 class EvalConfig(NamedTuple):
     """Static settings of the compiled evaluation."""
 
@@ -152,22 +163,13 @@ def evaluate(params, images: jax.Array, beta: jax.Array, step: jax.Array, key: j
     units (Burda et al. 2016): dimensions u with Cov_x(E_q[z_u|x]) > threshold.
     """
     model = nnx.merge(graphdef, params)
-    n = images.shape[0]
-    bs = min(cfg.batch_size, n)
-    n_batches = -(-n // bs)
-    pad = n_batches * bs - n
-    padded = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-    batches = padded.reshape(n_batches, bs, *images.shape[1:])
-    keys = jax.random.split(key, n_batches)
 
-    def one_batch(args):
-        x_u8, k = args
-        k_bin, k_z = jax.random.split(k)
+    def one_batch(x_u8, i):
+        k_bin, k_z = jax.random.split(jax.random.fold_in(key, i))
         return objectives.per_example(model, data.binarize(k_bin, x_u8, cfg.binarization), k_z,
                                       latent_mask)
 
-    per = jax.lax.map(one_batch, (batches, keys))
-    per = jax.tree.map(lambda a: a.reshape(n_batches * bs, *a.shape[2:])[:n], per)
+    per = batched_map(one_batch, images, cfg.batch_size)
     means = {k: v.mean(0) for k, v in per.items() if k != "posterior_mean"}
     mu = per["posterior_mean"]
     au_variance = jnp.mean(jnp.square(mu - mu.mean(0)), 0)
