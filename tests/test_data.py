@@ -262,13 +262,14 @@ def _as_data_source_fn(sources):
 
 
 def test_tfds_without_test_split_is_held_out_and_binary_scaled(mock_tfds, tmp_path, monkeypatch):
-    """dsprites: {0, 1} images, no 'label', only a 'train' split."""
+    """TFDS dsprites ("tfds:" prefix; plain "dsprites" is rendered): {0, 1} images, no 'label',
+    only a 'train' split."""
     _write_tfds_metadata(tmp_path, "dsprites", {"train": 737280})
     images = np.random.default_rng(0).integers(0, 2, (10, 64, 64, 1), dtype=np.uint8)
     source = _Source([{"image": im, "label_shape": np.int64(1)} for im in images])
     monkeypatch.setattr(data, "_READ_CHUNK", 4)
     with mock_tfds(as_data_source_fn=_as_data_source_fn({"train": source})):
-        ds = data.load("dsprites", test_fraction=0.3, seed=1)
+        ds = data.load("tfds:dsprites", test_fraction=0.3, seed=1)
     assert source.reads == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # chunked __getitems__
     assert len(ds.train_images) == 7 and len(ds.test_images) == 3
     assert ds.image_shape == (64, 64, 1) and ds.train_images.dtype == np.uint8
@@ -276,6 +277,21 @@ def test_tfds_without_test_split_is_held_out_and_binary_scaled(mock_tfds, tmp_pa
     labels = np.concatenate([ds.train_labels, ds.test_labels])
     np.testing.assert_array_equal(labels, -1)
     assert _rows(both, labels) == _rows(images * 255, np.full(10, -1))
+    assert ds.ground_truth is None and ds.train_size == 7
+
+
+def test_tfds_shapes3d_rgb_held_out(mock_tfds, tmp_path):
+    """shapes3d: RGB 64×64 images with factor features but no 'label', only a 'train' split."""
+    _write_tfds_metadata(tmp_path, "shapes3d", {"train": 480000})
+    with mock_tfds(num_examples=10):
+        ds = data.load("shapes3d", test_fraction=0.2, seed=0)
+        source = tfds.data_source("shapes3d", split="train", download=False)
+        expected = np.stack([source[i]["image"] for i in range(len(source))])
+    assert ds.image_shape == (64, 64, 3) and len(ds.train_images) == 8 and len(ds.test_images) == 2
+    both = np.concatenate([ds.train_images, ds.test_images])
+    labels = np.concatenate([ds.train_labels, ds.test_labels])
+    assert _rows(both, labels) == _rows(expected, np.full(10, -1))
+    assert expected.max() > 1  # grey levels, not scaled as binary
 
 
 def test_tfds_binarized_mnist_scaled_and_checked(mock_tfds, tmp_path):

@@ -9,16 +9,32 @@ source by name:
     gzipped), e.g. Fashion-MNIST from Debian's ``dataset-fashion-mnist``;
   * ``"npz"``: an ``.npz`` file with ``x_train``, ``x_test`` and optionally
     ``y_train``, ``y_test``;
-  * anything else: a TFDS dataset already prepared in ``data_dir`` in the
-    ``array_record`` format, read through ``tfds`` data sources (TensorFlow is
-    neither needed nor imported; nothing is downloaded).
+  * ``"dsprites"``, ``"dsprites_color"``, ``"dsprites_noisy"``: dSprites-like
+    images rendered analytically (:mod:`vaekl.dsprites`; no download), with
+    ground-truth factors;
+  * ``"dsprites_npz"``: the original ``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz``
+    (path in ``data_dir``), with ground-truth factors;
+  * ``"tfds:NAME"`` or any other name: a TFDS dataset already prepared in
+    ``data_dir`` in the ``array_record`` format, read through ``tfds`` data
+    sources (TensorFlow is neither needed nor imported; nothing is downloaded).
+    The prefix reaches TFDS datasets whose names are taken above
+    (``"tfds:dsprites"``); ``"shapes3d"`` is RGB 64×64.
 
-Sources without a test split (digits, dsprites) get a deterministic holdout:
-a ``seed``-ed permutation sends ``test_fraction`` of the images to test.
+Sources without a test split (digits, TFDS dsprites, shapes3d) get a deterministic
+holdout: a ``seed``-ed permutation sends ``test_fraction`` of the images to test.
 
-Batching (device, JAX) runs inside the compiled training loop: the whole uint8
-training set lives on device, :func:`sample_batch` draws a batch from it and
-:func:`binarize` turns it into float32 model inputs. Binarization ``mode``:
+Ground-truth datasets (``Dataset.ground_truth`` set; factor attributes and methods
+are forwarded to it) are never held as one image array: their ``train_images`` are
+a fixed sample of :data:`GT_EVAL_TRAIN` images and ``test_images`` another of
+:data:`GT_EVAL_TEST` (both drawn with ``seed``, labels -1; for evaluation rows, IWAE
+and reconstructions only); training batches come from :meth:`Dataset.batch_source`,
+which for the rendered datasets samples factors and renders on the device.
+``Dataset.train_size`` is then the full grid (737,280 for dSprites).
+
+Batching (device, JAX) runs inside the compiled training loop:
+:meth:`Dataset.batch_source` gives ``(device_arrays, draw)``; for array datasets
+the whole uint8 training set lives on device and :func:`sample_batch` draws a batch
+from it; :func:`binarize` turns a batch into float32 model inputs. Binarization ``mode``:
 
   * ``"none"``: grey levels x / 255 (e.g. for a Bernoulli decoder on grey
     values, or a Gaussian/logistic decoder);
@@ -42,18 +58,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vaekl import dsprites
+
 __all__ = [
     "BINARIZE_MODES",
     "BUILTIN_SOURCES",
+    "GROUND_TRUTH_SOURCES",
+    "GT_EVAL_TEST",
+    "GT_EVAL_TRAIN",
     "Dataset",
     "binarize",
     "binarize_static",
+    "ground_truth_dataset",
     "load",
     "sample_batch",
     "to_float",
 ]
 
 BUILTIN_SOURCES = ("digits", "idx", "npz")
+GROUND_TRUTH_SOURCES = (*dsprites.VARIANTS, "dsprites_npz")
+GT_EVAL_TRAIN = 2000  # fixed images in a ground-truth dataset's train_images (evaluation only)
+GT_EVAL_TEST = 5000  # ... and in its test_images
+_TFDS_PREFIX = "tfds:"
 BINARIZE_MODES = ("none", "dynamic", "static")
 
 # TFDS datasets whose images are stored as {0, 1}; they are scaled to {0, 255}.
@@ -61,12 +87,34 @@ _TFDS_BINARY = frozenset({"binarized_mnist", "dsprites"})
 _READ_CHUNK = 4096  # records per `__getitems__` call when reading a data source
 
 
+class _GroundTruthAttribute:
+    """A dataset attribute forwarded to its ``ground_truth`` (AttributeError when it has none)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        if obj.ground_truth is None:
+            raise AttributeError(f"dataset {obj.name!r} has no ground-truth factors, so no "
+                                 f"{self.name!r} (ground-truth sources: {GROUND_TRUTH_SOURCES}).")
+        return getattr(obj.ground_truth, self.name)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     """Images as uint8 [N, H, W, C] in 0..255, labels int32 [N] (or -1 when unlabeled).
 
     Checked on construction: dtypes, ranks, matching image/label counts and the
-    same image shape in train and test.
+    same image shape in train and test (and in ``ground_truth``, when given).
+
+    ``ground_truth`` (a :class:`vaekl.dsprites.GroundTruthData`, or None) makes a
+    ground-truth dataset: its ``factor_names``, ``factor_sizes``, ``num_factors``,
+    ``observation_shape``, ``sample_factors(n, rng)``, ``sample_observations_from_factors(factors, rng)``,
+    ``sample(n, rng)``, ``index_to_factors``, ``factors_to_index`` are available
+    on the dataset itself; training batches come from it (:meth:`batch_source`),
+    and ``train_images`` / ``test_images`` are fixed evaluation samples.
     """
 
     name: str
@@ -74,6 +122,17 @@ class Dataset:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    ground_truth: dsprites.GroundTruthData | None = None
+
+    factor_names = _GroundTruthAttribute()
+    factor_sizes = _GroundTruthAttribute()
+    num_factors = _GroundTruthAttribute()
+    observation_shape = _GroundTruthAttribute()
+    sample_factors = _GroundTruthAttribute()
+    sample_observations_from_factors = _GroundTruthAttribute()
+    sample = _GroundTruthAttribute()
+    index_to_factors = _GroundTruthAttribute()
+    factors_to_index = _GroundTruthAttribute()
 
     def __post_init__(self):
         for split in ("train", "test"):
@@ -93,12 +152,42 @@ class Dataset:
             raise ValueError(
                 f"{self.name}: train images are {self.train_images.shape[1:]} but test images are "
                 f"{self.test_images.shape[1:]} (H, W, C).")
+        if self.ground_truth is not None and self.ground_truth.observation_shape != self.image_shape:
+            raise ValueError(f"{self.name}: images are {self.image_shape} but the ground truth's "
+                             f"observations are {self.ground_truth.observation_shape} (H, W, C).")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C)."""
         h, w, c = self.train_images.shape[1:]
         return int(h), int(w), int(c)
+
+    @property
+    def train_size(self) -> int:
+        """Size N of the training distribution's support (e.g. for β-TCVAE's estimator).
+
+        The number of grid points (737,280 for dSprites) for ground-truth datasets,
+        else ``len(train_images)``.
+        """
+        if self.ground_truth is not None:
+            return self.ground_truth.num_observations
+        return len(self.train_images)
+
+    def batch_source(self) -> tuple[Any, Any]:
+        """The on-device source of training batches: ``(device_arrays, draw)``.
+
+        ``draw(key, device_arrays, batch_size) -> uint8 [B, H, W, C]`` is pure and
+        jittable with ``batch_size`` static, and the same function object on
+        every call. ``device_arrays`` is a pytree of host arrays for the caller to
+        put on the device once (``jax.device_put``) and pass to every ``draw``:
+        ``train_images`` with :func:`sample_batch` for array datasets; ``()`` for
+        the rendered dSprites (``draw`` samples factors and renders); the
+        bit-packed images for ``"dsprites_npz"``. Batches are the raw uint8
+        images: apply :func:`binarize` (any mode) to the result.
+        """
+        if self.ground_truth is not None:
+            return self.ground_truth.batch_source()
+        return self.train_images, sample_batch
 
 
 def load(
@@ -111,13 +200,17 @@ def load(
     """Loads dataset ``name`` into host memory.
 
     Args:
-      name: ``"digits"``, ``"idx"``, ``"npz"`` or a TFDS name (``"mnist"``,
-        ``"fashion_mnist"``, ``"binarized_mnist"``, ``"cifar10"``, ``"dsprites"``, ...).
-      data_dir: the IDX directory for ``"idx"``, the ``.npz`` path for ``"npz"``,
-        the TFDS data_dir for TFDS names (None: TFDS's default); unused for digits.
+      name: ``"digits"``, ``"idx"``, ``"npz"``, ``"dsprites"``, ``"dsprites_color"``,
+        ``"dsprites_noisy"``, ``"dsprites_npz"``, or a TFDS name (``"mnist"``,
+        ``"fashion_mnist"``, ``"binarized_mnist"``, ``"cifar10"``, ``"shapes3d"``, ...),
+        optionally prefixed ``"tfds:"`` (needed for TFDS ``"tfds:dsprites"``).
+      data_dir: the IDX directory for ``"idx"``, the ``.npz`` path for ``"npz"``
+        and ``"dsprites_npz"``, the TFDS data_dir for TFDS names (None: TFDS's
+        default); unused for digits and the rendered dSprites.
       test_fraction: fraction of images held out as test by sources without a
-        test split (digits, dsprites, ...); ignored by the others.
-      seed: seed of that holdout's permutation.
+        test split (digits, TFDS dsprites, shapes3d, ...); ignored by the others.
+      seed: seed of that holdout's permutation, and of the fixed evaluation
+        samples of ground-truth datasets.
 
     Returns:
       A :class:`Dataset`.
@@ -133,7 +226,34 @@ def load(
             raise ValueError(f"{name} dataset: data_dir must give the "
                              f"{'directory of IDX files' if name == 'idx' else '.npz file'}.")
         return _load_idx(data_dir) if name == "idx" else _load_npz(data_dir)
-    return _load_tfds(name, data_dir, test_fraction, seed)
+    if name in dsprites.VARIANTS:
+        return ground_truth_dataset(name, dsprites.DSprites(name), seed)
+    if name == "dsprites_npz":
+        if data_dir is None:
+            raise ValueError("dsprites_npz dataset: data_dir must give the path of "
+                             "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz.")
+        return ground_truth_dataset(name, dsprites.load_npz(data_dir), seed)
+    return _load_tfds(name.removeprefix(_TFDS_PREFIX), data_dir, test_fraction, seed)
+
+
+def ground_truth_dataset(name: str, ground_truth: dsprites.GroundTruthData, seed: int = 0,
+                         n_train: int | None = None, n_test: int | None = None) -> Dataset:
+    """A :class:`Dataset` of ``ground_truth`` with fixed evaluation samples.
+
+    ``train_images`` holds the images of ``n_train`` (default :data:`GT_EVAL_TRAIN`)
+    uniformly drawn factor points and ``test_images`` another ``n_test`` (default
+    :data:`GT_EVAL_TEST`), from independent NumPy streams seeded by ``[seed, 0]``
+    and ``[seed, 1]``; labels -1. Training batches come from
+    :meth:`Dataset.batch_source`.
+    """
+    n_train = GT_EVAL_TRAIN if n_train is None else n_train
+    n_test = GT_EVAL_TEST if n_test is None else n_test
+    splits = []
+    for stream, n in ((0, n_train), (1, n_test)):
+        rng = np.random.default_rng([seed, stream])
+        images = ground_truth.images_from_factors(ground_truth.sample_factors(n, rng), rng)
+        splits += [images, np.full((n,), -1, np.int32)]
+    return Dataset(name, *splits, ground_truth=ground_truth)
 
 
 # --------------------------------------------------------------------------------------
@@ -314,8 +434,8 @@ def _load_tfds(name: str, data_dir: str | None, test_fraction: float, seed: int)
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
-            f"Unknown dataset {name!r}: not a built-in source {BUILTIN_SOURCES} and not a TFDS "
-            f"dataset (see tfds.list_builders()).") from None
+            f"Unknown dataset {name!r}: not a built-in source {BUILTIN_SOURCES}, not a ground-truth "
+            f"source {GROUND_TRUTH_SOURCES} and not a TFDS dataset (see tfds.list_builders()).") from None
     where_dir = data_dir if data_dir is not None else "(TFDS default)"
     hint = (f"run `tfds build {name} --data_dir={data_dir or '...'} --file_format=array_record` "
             f"on a machine with network and copy the directory here, or use dataset='idx'/'npz'")
