@@ -3,16 +3,22 @@ r"""Trains one VAE.
     python -m experiments.train --config=experiments/configs/digits_mlp.py \
         --config.beta=4 --config.latent_dim=16 --workdir=runs/x
 
-Re-running the same command resumes from the latest checkpoint in --workdir.
+Re-running the same command resumes from the latest checkpoint in --workdir. A --workdir
+that another process is writing is refused (vaekl.runs.RunLock); mistakes print one line
+(vaekl.cli).
 """
+
+import contextlib
+import os
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vaekl import cli
+from vaekl import runs
 from vaekl import train
-from vaekl.rundir import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -23,13 +29,19 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
-    rows = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    cli.quiet_library_logs()
+    workdir = _WORKDIR.value
+    runs.check_writable(workdir)
+    # An existing directory is locked now, so that a second writer is refused before any
+    # work; a new one is created and locked by the trainer once the config and data check out.
+    lock = runs.RunLock(workdir) if os.path.isdir(workdir) else contextlib.nullcontext()
+    with lock:
+        rows = train.train_and_evaluate(_CONFIG.value, workdir)
     for row in rows:
         logging.info("final %s: neg_elbo %.3f recon %.3f kl %.3f active units %d", row["split"],
                      row["neg_elbo"], row["recon"], row["kl"], row["active_units"])
-    print(f"results in {_WORKDIR.value}")
+    print(f"results in {workdir}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

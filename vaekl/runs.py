@@ -1,0 +1,517 @@
+"""THE run directory: its layout, its status, a lock against two writers, and loading a run.
+
+A run directory holds::
+
+    config.json          the run's config (every field; resumable fields may change)
+    meta.json            what the trainer knew: image_shape, train_size, vaekl_commit, command
+    metrics.jsonl        one JSON object per logged (step, split): the metrics' source of truth
+    checkpoints/<step>/  orbax checkpoints of the TrainState, each with a checksum
+    tensorboard/         TensorBoard events (a view of metrics.jsonl)
+    reconstructions.png  test images above their reconstructions (final step)
+    samples.png          samples from the prior (final step)
+    eval.json            experiments.evaluate's results
+    .lock                the advisory lock of the process writing the run (:class:`RunLock`)
+
+``metrics.jsonl`` is written in whole lines and cut back to the restored checkpoint's step
+on resume, so that no step is duplicated or missing; the checkpoints decide where a run
+stands. Everything here reads a run without loading its training set, except
+:func:`load` for runs older than meta.json (which needs the image shape).
+
+    run = runs.load("runs/x")             # best checkpoint; step="latest" or an int
+    run.model.reconstruct(x); run.metrics[run.metrics.split == "test"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+# The layout.
+CONFIG = "config.json"
+META = "meta.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+EVAL = "eval.json"
+RECONSTRUCTIONS = "reconstructions.png"
+SAMPLES = "samples.png"
+LOCK = ".lock"
+
+# Fields that may change between a run and its resumption (they do not change the model).
+RESUMABLE_CHANGES = ("num_steps", "eval_every", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "num_images", "steps_per_call")
+
+
+# ----------------------------------------------------------------------------------------
+# Files written whole.
+
+
+def _jsonable(value):
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "tolist"):
+        value = np.asarray(value).tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _jsonable_dict(config: Mapping) -> dict:
+    return {k: _jsonable(v) for k, v in dict(config).items()}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that readers see the old file or the new one, never a
+    part (a temporary file, fsync, rename, fsync of the directory)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def check_writable(path: str) -> None:
+    """Raises NotADirectoryError or PermissionError (one line, naming the culprit) unless
+    ``path`` is a writable directory or could be created as one. Writes nothing."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {path}: {parent} is not writable")
+
+
+# ----------------------------------------------------------------------------------------
+# config.json and meta.json.
+
+
+def check_config(run_dir: str, config: Mapping) -> None:
+    """Raises ValueError if ``run_dir`` holds a run with a config that cannot be resumed as ``config``."""
+    path = os.path.join(run_dir, CONFIG)
+    new = json.loads(json.dumps(_jsonable_dict(config)))
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = sorted(k for k in set(old) | set(new)
+                         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            diffs = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed)
+            raise ValueError(f"{run_dir} holds a run with a different config ({diffs}); "
+                             f"use a new --workdir or the original config")
+
+
+def write_config(run_dir: str, config: Mapping) -> None:
+    """Writes config.json atomically, after :func:`check_config`."""
+    check_config(run_dir, config)
+    atomic_write(os.path.join(run_dir, CONFIG),
+                 json.dumps(_jsonable_dict(config), indent=2, sort_keys=True))
+
+
+def read_config(run_dir: str):
+    """A run's config.json over today's defaults (fields added since keep their defaults),
+    as an ml_collections.ConfigDict; JSON lists become tuples."""
+    from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top  (imports jax)
+
+    path = os.path.join(run_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG})")
+    config = config_lib.defaults()
+    with open(path) as f:
+        for k, v in json.load(f).items():
+            config[k] = tuple(v) if isinstance(v, list) else v
+    return config
+
+
+def write_meta(run_dir: str, meta: Mapping) -> None:
+    """Writes meta.json atomically: what a reader needs without the data, e.g.
+    ``{"image_shape": [H, W, C], "train_size": N, "vaekl_commit": ..., "command": ...}``
+    (see :func:`provenance` for the last two)."""
+    atomic_write(os.path.join(run_dir, META), json.dumps(_jsonable_dict(meta), indent=2, sort_keys=True))
+
+
+def read_meta(run_dir: str) -> dict:
+    """meta.json's contents, or {} for a run written before it existed."""
+    path = os.path.join(run_dir, META)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def provenance() -> dict:
+    """``{"vaekl_commit": git HEAD of this checkout or None, "command": this process's argv}``."""
+    import subprocess  # pylint: disable=g-import-not-at-top
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {"vaekl_commit": commit, "command": _command()}
+
+
+def _command() -> str:
+    return shlex.join([os.path.basename(sys.executable), *sys.argv])[:1000]
+
+
+# ----------------------------------------------------------------------------------------
+# metrics.jsonl.
+
+
+class MetricsLog:
+    """Append-only JSON-lines metrics file, safe against torn writes.
+
+    Each :meth:`append` is one ``write()`` of whole lines followed by fsync. A crash can
+    still leave a torn last line: :meth:`read` drops it with a warning (the checkpoints say
+    where the run stands), :meth:`truncate` rewrites the file without it, and :meth:`append`
+    cuts it off before writing. An invalid line anywhere else raises ValueError naming the
+    file and line.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            data = f.read()
+        lines = data.split(b"\n")  # the last item is b"" when the file ends with a newline
+        rows = []
+        for i, line in enumerate(lines):
+            last = i == len(lines) - 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if last or (i == len(lines) - 2 and not lines[-1].strip()):
+                    logging.warning("%s: dropping a torn last line (%s): %r", self.path, e, line[:80])
+                    continue
+                raise ValueError(f"{self.path}, line {i + 1}: invalid metrics row ({e}): "
+                                 f"{line[:80].decode(errors='replace')!r}") from None
+            if last:  # valid JSON but no newline: the write was cut short
+                logging.warning("%s: dropping a torn last line (no newline): %r", self.path, line[:80])
+                continue
+            rows.append(row)
+        return rows
+
+    def truncate(self, max_step: int) -> None:
+        """Drops rows logged after ``max_step`` (work a crash lost) and any torn line, atomically."""
+        rows = [r for r in self.read() if r["step"] <= max_step]
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def append(self, rows: Iterable[Mapping]) -> None:
+        text = "".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows)
+        data = text.encode()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line from a crash: cut it
+                with open(self.path, "rb") as f:
+                    keep = f.read().rfind(b"\n") + 1
+                logging.warning("%s: cutting a torn last line (%d bytes) before appending",
+                                self.path, size - keep)
+                os.ftruncate(fd, keep)
+            while data:  # one write() normally; loop only on a partial write
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_metrics(run_dir: str):
+    """metrics.jsonl as a pandas DataFrame (one row per step and split; empty if none)."""
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+
+    return pd.DataFrame(MetricsLog(os.path.join(run_dir, METRICS)).read())
+
+
+# ----------------------------------------------------------------------------------------
+# Status.
+
+
+def latest_checkpoint(run_dir: str) -> int | None:
+    """The step of the newest committed checkpoint in ``run_dir`` (None if it has none).
+
+    A step directory without orbax's commit files (an interrupted or emptied one) does not
+    count; a committed but damaged one does (its restore falls back, see vaekl.checkpoints).
+    """
+    ckpt = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(ckpt):
+        return None
+    steps = [int(d) for d in os.listdir(ckpt)
+             if d.isdigit() and os.path.exists(os.path.join(ckpt, d, "_CHECKPOINT_METADATA"))]
+    return max(steps) if steps else None
+
+
+def status(run_dir: str, config) -> str:
+    """'done' (final checkpoint, final metrics of both splits and images), 'partial'
+    (resumable from a checkpoint) or 'new'."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "new"
+    rows = MetricsLog(os.path.join(run_dir, METRICS)).read()
+    final = {r["split"] for r in rows if r["step"] == config.num_steps}
+    images = config.num_images == 0 or os.path.exists(os.path.join(run_dir, SAMPLES))
+    if latest >= config.num_steps and final >= {"train", "test"} and images:
+        return "done"
+    return "partial"
+
+
+def final_rows(run_dir: str, step: int) -> dict[str, dict]:
+    """{split: row} of the metrics logged at ``step``."""
+    return {r["split"]: r for r in MetricsLog(os.path.join(run_dir, METRICS)).read() if r["step"] == step}
+
+
+# ----------------------------------------------------------------------------------------
+# The lock: one writer per run directory.
+
+LOCKED_MARK = " is in use by "  # in every RunLocked message (launchers look for it in child errors)
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+    def __init__(self, run_dir: str, holder: dict | None):
+        self.run_dir, self.holder = run_dir, holder or {}
+        super().__init__(f"run directory {run_dir}{LOCKED_MARK}{describe_holder(self.holder)}; "
+                         f"wait for it to finish or stop it")
+
+
+def describe_holder(holder: Mapping) -> str:
+    """'pid 123 on host since 12:00:00 (python -m experiments.train ...)' from lock-file contents."""
+    if not holder.get("pid"):
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"])) if "since" in holder else "?"
+    return f"pid {holder['pid']} on {holder.get('host', '?')} since {since} ({holder.get('command', '?')})"
+
+
+_HELD: dict[str, list] = {}  # realpath → [fd, holder info, count]: the locks this process holds
+_HELD_GUARD = threading.Lock()
+
+
+def _read_holder(fd: int) -> dict:
+    for _ in range(3):  # the holder writes its details right after locking: retry a torn read
+        try:
+            return json.loads(os.pread(fd, 8192, 0) or b"{}")
+        except ValueError:
+            time.sleep(0.05)
+    return {}
+
+
+class RunLock:
+    """An exclusive advisory lock on a run directory: ``fcntl.flock`` on ``run_dir/.lock``.
+
+    The kernel releases the lock when the holding process exits in any way (SIGKILL
+    included), so it is never stale; the lock file holds the holder's pid, host, start time
+    and command while it is held. Locks are per process and re-entrant within it (the
+    launcher's and the trainer's acquisitions of one directory nest); exec'd child processes
+    do not inherit them. Over NFS, Linux emulates flock with byte-range locks, which work
+    across hosts. ::
+
+        with runs.RunLock(run_dir):      # raises RunLocked naming the holder
+            ...write the run...
+    """
+
+    def __init__(self, run_dir: str, grace: float = 0.5):
+        """``grace``: seconds to retry before giving up (covers :func:`lock_holder` probes)."""
+        self.run_dir, self.grace = run_dir, grace
+        self._key = ""
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def acquire(self) -> RunLock:
+        if self._held:
+            return self
+        if not os.path.isdir(self.run_dir):
+            raise FileNotFoundError(f"cannot lock {self.run_dir}: no such directory")
+        self._key = os.path.realpath(self.run_dir)
+        with _HELD_GUARD:
+            if self._key in _HELD:
+                _HELD[self._key][2] += 1
+                self._held = True
+                return self
+            fd = os.open(os.path.join(self.run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            deadline = time.monotonic() + self.grace
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = _read_holder(fd)
+                        os.close(fd)
+                        raise RunLocked(self.run_dir, holder) from None
+                    time.sleep(0.02)
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                    "command": _command()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            _HELD[self._key] = [fd, info, 1]
+        self._held = True
+        return self
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        with _HELD_GUARD:
+            entry = _HELD[self._key]
+            entry[2] -= 1
+            if entry[2] == 0:
+                del _HELD[self._key]
+                os.ftruncate(entry[0], 0)
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(run_dir: str) -> dict | None:
+    """None if nobody holds ``run_dir``'s lock; else the holder's details (pid, host, since,
+    command; {} if unreadable). This process's own locks count as held."""
+    with _HELD_GUARD:
+        if os.path.realpath(run_dir) in _HELD:
+            return dict(_HELD[os.path.realpath(run_dir)][1])
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        try:  # a shared lock for an instant: fails only while a writer holds the exclusive one
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading a run.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained run, as :func:`load` returns it."""
+
+    config: Any     # ml_collections.ConfigDict: config.json over today's defaults
+    model: Any      # the nnx VAE with the checkpoint's parameters
+    metrics: Any    # pandas DataFrame of metrics.jsonl (one row per logged step and split)
+    step: int       # the restored checkpoint's step
+    params: Any     # the checkpoint's parameters (a pure dict; nnx.merge(graphdef, params) = model)
+    graphdef: Any   # the model's static nnx graph
+    run_dir: str = ""
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def image_shape(run_dir: str, config=None) -> tuple[int, int, int]:
+    """(H, W, C) from meta.json; for runs older than it, from loading the dataset."""
+    shape = read_meta(run_dir).get("image_shape")
+    if shape:
+        return tuple(int(s) for s in shape)
+    from vaekl import data  # pylint: disable=g-import-not-at-top
+
+    config = config or read_config(run_dir)
+    logging.info("%s has no %s: loading %s for the image shape", run_dir, META, config.dataset)
+    return tuple(data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
+                           seed=config.data_seed).image_shape)
+
+
+def load(run_dir: str, step: str | int = "best") -> Run:
+    """A run's config, model (with restored parameters) and metrics.
+
+    Args:
+      run_dir: a run directory.
+      step: "best" (lowest test negative ELBO among the kept checkpoints; the latest if none
+        is ranked), "latest", or a step number. A damaged best or latest checkpoint falls
+        back to the newest good one with a warning; a damaged numbered one raises.
+    Raises:
+      FileNotFoundError: not a run directory, or no (good) checkpoint.
+      ValueError: no checkpoint at that step number.
+    """
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from vaekl import checkpoints, train  # pylint: disable=g-import-not-at-top
+
+    config = read_config(run_dir)
+    build = config.copy_and_resolve_references()
+    build.output_bias_from_data = False  # the checkpoint holds the bias; no training set needed
+    graphdef, like, _ = train.create(build, image_shape(run_dir, config), None)
+    if not os.path.isdir(os.path.join(run_dir, CHECKPOINTS)):
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(run_dir, CHECKPOINTS)}")
+    mgr = checkpoints.manager(run_dir, config.keep_checkpoints, read_only=True)
+    try:
+        found, state = checkpoints.restore_step(mgr, step, like)
+    finally:
+        mgr.close()
+    return Run(config=config, model=nnx.merge(graphdef, state.params), metrics=read_metrics(run_dir),
+               step=found, params=state.params, graphdef=graphdef, run_dir=run_dir, meta=read_meta(run_dir))
+
+
+# ----------------------------------------------------------------------------------------
+# Images.
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
+    """[N, H, W, C] floats in [0, 1] → one uint8 [rows·(H+1)+1, cols·(W+1)+1, C] grid."""
+    n, h, w, c = images.shape
+    ncols = ncols or int(math.ceil(math.sqrt(n)))
+    nrows = int(math.ceil(n / ncols))
+    grid = np.ones((nrows * (h + 1) + 1, ncols * (w + 1) + 1, c), np.float32)
+    for i, img in enumerate(np.clip(images, 0.0, 1.0)):
+        r, col = divmod(i, ncols)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = img
+    return np.round(grid * 255).astype(np.uint8)
+
+
+def save_png(path: str, images: np.ndarray, ncols: int | None = None, scale: int = 4) -> None:
+    """Writes an image grid as a PNG, each pixel enlarged ``scale`` times (atomically)."""
+    grid = image_grid(images, ncols)
+    grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
+    os.replace(tmp, path)
