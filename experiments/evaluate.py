@@ -5,43 +5,69 @@ r"""Evaluates a run (or every run of a sweep): IWAE test NLL, ELBO, KL analysis 
 """
 
 import os
+import time
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from vaekl import cli
 from vaekl import evaluate
-from vaekl.rundir import quiet_library_logs
+from vaekl import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory, or a sweep directory of runs.")
 _K = flags.DEFINE_integer("num_samples", 5000, "Importance samples K per test example.")
 _CHUNK = flags.DEFINE_integer("chunk", 100, "Samples per chunk (memory is bounded by chunk × batch).")
 _BATCH = flags.DEFINE_integer("batch_size", 100, "Test examples per batch.")
 _WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to evaluate.")
+_DRAWS = flags.DEFINE_integer("num_draws", 10, "z draws per example for the KL decomposition (>= 2).")
+_DIS = flags.DEFINE_bool("disentanglement", True, "Disentanglement metrics on datasets with factors.")
+_DCI = flags.DEFINE_enum("dci_model", "random_forest", ["random_forest", "gbt"],
+                         "DCI's importance model (gbt: disentanglement_lib's, much slower).")
+_SKIP = flags.DEFINE_bool("skip_done", False, "Skip runs that already have an eval.json.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def run_dirs(workdir: str) -> list[str]:
-    if os.path.exists(os.path.join(workdir, "config.json")):
+    """[workdir] if it is a run directory, else the run directories inside it."""
+    if not os.path.exists(workdir):
+        raise FileNotFoundError(f"{workdir} does not exist")
+    if not os.path.isdir(workdir):
+        raise NotADirectoryError(f"{workdir} is not a directory")
+    if os.path.exists(os.path.join(workdir, runs.CONFIG)):
         return [workdir]
-    runs = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
-                  if os.path.exists(os.path.join(workdir, d, "config.json")))
-    if not runs:
+    found = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
+                   if os.path.exists(os.path.join(workdir, d, runs.CONFIG)))
+    if not found:
         raise app.UsageError(f"{workdir} is neither a run directory nor a sweep of runs")
-    return runs
+    return found
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
-    for run in run_dirs(_WORKDIR.value):
-        r = evaluate.evaluate_run(run, _K.value, _CHUNK.value, _BATCH.value, _WHICH.value)
-        logging.info("%s (step %d): NLL %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + marginal KL %.3f"
-                     "  AU %d", run, r["step"], r["nll"], r["num_samples"], r["neg_elbo"], r["kl"],
-                     r["mutual_info"], r["marginal_kl"], r["active_units"])
+    cli.quiet_library_logs()
+    todo = run_dirs(_WORKDIR.value)
+    for run in todo:  # eval.json goes into each run directory
+        runs.check_writable(run)
+    if _SKIP.value:
+        todo = [r for r in todo if not os.path.exists(os.path.join(r, runs.EVAL))]
+    start = time.perf_counter()
+    for i, run in enumerate(todo):
+        r = evaluate.evaluate_run(run, _K.value, _CHUNK.value, _BATCH.value, _WHICH.value,
+                                  num_draws=_DRAWS.value, disentanglement=_DIS.value,
+                                  dci_model=_DCI.value)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (i + 1) * (len(todo) - i - 1)
+        logging.info("%s (step %d): NLL %.3f ± %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + TC %.3f + "
+                     "dimwise %.3f  AU %d%s", run, r["step"], r["nll"], r["nll_se"], r["num_samples"],
+                     r["neg_elbo"], r["kl"], r["mutual_info"], r["total_correlation"], r["dimwise_kl"],
+                     r["active_units"],
+                     "  MIG %.3f" % r["disentanglement"]["mig"] if "disentanglement" in r else "")
+        logging.info("progress: %d/%d runs evaluated, elapsed %.0f s, ETA %.0f s", i + 1, len(todo),
+                     elapsed, eta)
         print(f"{run}: nll {r['nll']:.3f}  neg_elbo {r['neg_elbo']:.3f}  active units {r['active_units']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

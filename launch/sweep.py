@@ -13,13 +13,22 @@ Every backend is idempotent: finished runs are skipped, interrupted ones resume 
 checkpoints, a failed run is retried up to --retries times without stopping the others, and
 the launcher ends with a table of runs and a non-zero exit code if any failed. Each run lands
 in WORKDIR/<run name>/ with the files of a standalone run.
+
+Two launches of one sweep may overlap: a run directory locked by another live process
+(vaekl.runs.RunLock) is left alone and waited for; once released, it is skipped if the
+other launch finished it, and trained otherwise. The local backend stops its children
+(SIGTERM, then waits) when the launcher gets SIGTERM or SIGINT, and shows each failed
+child's last error line. Mistakes in flags or the sweep print one line (vaekl.cli).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import runpy
+import signal
 import subprocess
 import sys
 import time
@@ -30,7 +39,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
-from vaekl import rundir
+from vaekl import cli
+from vaekl import runs as runs_lib
 from vaekl import sweep as sweep_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base ml_collections config file.",
@@ -49,6 +59,7 @@ _TIME = flags.DEFINE_integer("slurm_time", 60, "slurm: time limit per task, minu
 _GPUS = flags.DEFINE_integer("slurm_gpus_per_task", 0, "slurm: GPUs per task.")
 _CPUS = flags.DEFINE_integer("slurm_cpus_per_task", 1, "slurm: CPUs per task.")
 _MEM = flags.DEFINE_integer("slurm_mem_gb", 0, "slurm: memory per task in GB (0: the default).")
+_POLL = flags.DEFINE_float("lock_poll_s", 2.0, "Seconds between checks of runs locked by other processes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -63,7 +74,7 @@ class Run:
     before: str = "new"        # new | partial | done
     outcome: str = "pending"   # completed | resumed | skipped | failed
     attempts: int = 0
-    error: str = ""
+    error: str = ""            # the last error line, or a note
     test_neg_elbo: float | None = None
 
 
@@ -72,16 +83,10 @@ class Run:
 
 
 def expand(base: ml_collections.ConfigDict, spec: str, workdir: str) -> list[Run]:
-    """Every run of the grid, with its validated config (nothing is written)."""
-    runs = []
-    for overrides in sweep_lib.parse(spec, base):
-        name = sweep_lib.run_name(overrides)
-        try:
-            config = sweep_lib.apply(base, overrides)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"sweep point {name}: {e}") from None
-        runs.append(Run(name, config, overrides, os.path.join(workdir, name)))
-    return runs
+    """Every run of the grid, with its validated config (nothing is written); refuses grids
+    with two points of one name or config (vaekl.sweep.points)."""
+    return [Run(name, config, overrides, os.path.join(workdir, name))
+            for name, overrides, config in sweep_lib.points(spec, base)]
 
 
 def _finish(run: Run, error: str | None) -> None:
@@ -89,11 +94,19 @@ def _finish(run: Run, error: str | None) -> None:
     if error is None:
         run.outcome = "resumed" if run.before == "partial" else "completed"
         run.error = ""
-        rows = [r for r in rundir.MetricsLog(os.path.join(run.workdir, "metrics.jsonl")).read()
-                if r["split"] == "test" and r["step"] == run.config.num_steps]
-        run.test_neg_elbo = rows[-1]["neg_elbo"] if rows else None
+        row = runs_lib.final_rows(run.workdir, run.config.num_steps).get("test")
+        run.test_neg_elbo = row["neg_elbo"] if row else None
     else:
         run.outcome, run.error = "failed", error.strip().splitlines()[-1][:300] if error.strip() else "?"
+
+
+def _locked_out(run: Run) -> bool:
+    """Whether the run failed because another process held its directory."""
+    return run.outcome == "failed" and runs_lib.LOCKED_MARK in run.error
+
+
+def _retry(run: Run) -> bool:
+    return run.outcome == "failed" and not _locked_out(run)
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,7 +122,7 @@ def backend_vmap(runs: list[Run]) -> None:
                                       _MAX_GROUP.value)
         for run, err in zip(todo, errors):
             _finish(run, err)
-        todo = [r for r in todo if r.outcome == "failed"]
+        todo = [r for r in todo if _retry(r)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -141,7 +154,75 @@ def train_command(config_file: str, file_config: ml_collections.ConfigDict, run:
     return cmd
 
 
+_TRACEBACK_END = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def child_error(log_text: str, returncode: int, log_path: str) -> str:
+    """One line for a failed child: its last ``error: ...`` line (vaekl.cli's one-line
+    errors), else its traceback's last line, else its last line; then how it ended."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    message = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
+    if message is None:
+        message = next((line for line in reversed(lines) if _TRACEBACK_END.match(line)),
+                       lines[-1] if lines else "")
+    if returncode < 0:
+        how = f"killed by {signal.Signals(-returncode).name}"
+    else:
+        how = f"exit {returncode}"
+    return f"{message[:240]} ({how}; log {log_path})" if message else f"({how}; log {log_path})"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress(done: int, total: int, elapsed: float) -> str:
+    """'3/8 runs done, elapsed 0:01:20, ETA 0:02:13' (ETA from the mean time per run so far)."""
+    eta = _clock(elapsed / done * (total - done)) if done else "?"
+    return f"{done}/{total} runs done, elapsed {_clock(elapsed)}, ETA {eta}"
+
+
+class _Signals:
+    """Records SIGTERM/SIGINT instead of dying, so that children can be stopped first."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):  # pylint: disable=unused-argument
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def stop_children(procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """SIGTERM to each child, then waits for them (SIGKILL after ``timeout`` seconds)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def backend_local(runs: list[Run], config_file: str) -> None:
+    """Runs each point as an ``experiments.train`` process, --parallel at a time.
+
+    On SIGTERM or SIGINT, stops the running children (SIGTERM, then waits; their runs resume
+    from their checkpoints on the next launch) and exits with 128 + the signal number.
+    """
     file_config = runpy.run_path(config_file)["get_config"]()
     gpus = _visible_gpus()
     slots = _PARALLEL.value or max(1, len(gpus))
@@ -149,33 +230,49 @@ def backend_local(runs: list[Run], config_file: str) -> None:
     os.makedirs(log_dir, exist_ok=True)
     queue = list(runs)
     running: dict[int, tuple[Run, subprocess.Popen, str]] = {}
-    while queue or running:
-        for slot in range(slots):
-            if slot in running or not queue:
-                continue
-            run = queue.pop(0)
-            env = dict(os.environ)
-            if len(gpus) > 1:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-            log_path = os.path.join(log_dir, f"{run.name}.{run.attempts + 1}.log")
-            with open(log_path, "w") as log:
-                proc = subprocess.Popen(train_command(config_file, file_config, run), env=env,
-                                        stdout=log, stderr=subprocess.STDOUT)
-            running[slot] = (run, proc, log_path)
-            logging.info("started %s (attempt %d)%s", run.name, run.attempts + 1,
-                         f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if len(gpus) > 1 else "")
-        time.sleep(0.1)
-        for slot, (run, proc, log_path) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[slot]
-            with open(log_path) as f:
-                tail = f.read()[-2000:]
-            _finish(run, None if proc.returncode == 0 else
-                    (tail or f"exit code {proc.returncode}") + f"\n(exit {proc.returncode}; log {log_path})")
-            logging.info("%s %s (exit %d)", run.name, run.outcome, proc.returncode)
-            if run.outcome == "failed" and run.attempts <= _RETRIES.value:
-                queue.append(run)
+    t0, done = time.monotonic(), 0
+    with _Signals() as signals:
+        while queue or running:
+            if signals.received is not None:
+                break
+            for slot in range(slots):
+                if slot in running or not queue:
+                    continue
+                run = queue.pop(0)
+                env = dict(os.environ)
+                if len(gpus) > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+                log_path = os.path.join(log_dir, f"{run.name}.{run.attempts + 1}.log")
+                with open(log_path, "w") as log:
+                    proc = subprocess.Popen(train_command(config_file, file_config, run), env=env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+                running[slot] = (run, proc, log_path)
+                logging.info("started %s (attempt %d, pid %d)%s", run.name, run.attempts + 1, proc.pid,
+                             f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if len(gpus) > 1 else "")
+            time.sleep(0.1)
+            for slot, (run, proc, log_path) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                with open(log_path, errors="replace") as f:
+                    tail = f.read()[-5000:]
+                _finish(run, None if proc.returncode == 0 else child_error(tail, proc.returncode, log_path))
+                logging.info("%s %s (exit %d)%s", run.name, run.outcome, proc.returncode,
+                             f": {run.error}" if run.outcome == "failed" else "")
+                if _retry(run) and run.attempts <= _RETRIES.value:
+                    queue.append(run)
+                else:
+                    done += 1
+                    logging.info("progress: %s", progress(done, len(runs), time.monotonic() - t0))
+        if signals.received is not None:
+            name = signal.Signals(signals.received).name
+            stopping = [r.name for r, _, _ in running.values()]
+            print(f"{name}: stopping {len(stopping)} running run(s){': ' if stopping else ''}"
+                  f"{', '.join(stopping)}; they resume from their checkpoints on the next launch",
+                  file=sys.stderr, flush=True)
+            stop_children([proc for _, proc, _ in running.values()])
+            print(table(runs), flush=True)
+            sys.exit(128 + signals.received)
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +309,7 @@ def backend_slurm(runs: list[Run]) -> None:
                 errors = [f"Slurm task {job.job_id} failed: {e}"] * len(task)
             for run, err in zip(task, errors):
                 _finish(run, err)
-        todo = [r for r in todo if r.outcome == "failed"]
+        todo = [r for r in todo if _retry(r)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,7 +317,7 @@ def backend_slurm(runs: list[Run]) -> None:
 
 def table(runs: list[Run]) -> str:
     """The closing table: one line per run."""
-    head = f"{'run':<40} {'before':<8} {'outcome':<10} {'tries':>5} {'test −ELBO':>11}  error"
+    head = f"{'run':<40} {'before':<8} {'outcome':<10} {'tries':>5} {'test −ELBO':>11}  error or note"
     lines = [head, "-" * len(head)]
     for r in runs:
         elbo = f"{r.test_neg_elbo:.3f}" if r.test_neg_elbo is not None else "-"
@@ -230,38 +327,86 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def _held(runs: list[Run]) -> dict[str, dict]:
+    """{run name: lock holder} of the runs whose directories another live process holds."""
+    out = {}
+    for r in runs:
+        holder = runs_lib.lock_holder(r.workdir)
+        if holder is not None:
+            out[r.name] = holder
+    return out
+
+
+def train_all(todo: list[Run], backend) -> None:
+    """Trains ``todo`` with ``backend``, first those nobody else holds; then waits for the
+    held ones (polling their locks) and, once each is released, skips it if the other
+    process finished it or trains it."""
+    waiting: list[Run] = []
+    while todo or waiting:
+        held = _held(todo)
+        if held:
+            print(f"{len(held)} run(s) in use by other processes, trained last if still needed: " +
+                  "; ".join(f"{n} ({runs_lib.describe_holder(h)})" for n, h in held.items()),
+                  file=sys.stderr, flush=True)
+        free = [r for r in todo if r.name not in held]
+        waiting += [r for r in todo if r.name in held]
+        if free:
+            backend(free)
+        for r in free:
+            if _locked_out(r):  # taken by another process between the check and the start
+                r.outcome, r.error, r.attempts = "pending", "", r.attempts - 1
+                waiting.append(r)
+        todo = []
+        t0 = time.monotonic()
+        while waiting and not todo:
+            time.sleep(_POLL.value)
+            released = [r for r in waiting if runs_lib.lock_holder(r.workdir) is None]
+            waiting = [r for r in waiting if r not in released]
+            for r in released:
+                r.before = runs_lib.status(r.workdir, r.config)
+                if r.before == "done":
+                    r.outcome, r.error = "skipped", "finished by another launch"
+                    row = runs_lib.final_rows(r.workdir, r.config.num_steps).get("test")
+                    r.test_neg_elbo = row["neg_elbo"] if row else None
+                    print(f"{r.name}: released, finished by another launch (skipped)", file=sys.stderr, flush=True)
+                else:
+                    print(f"{r.name}: released ({r.before}), training it", file=sys.stderr, flush=True)
+                    todo.append(r)
+            if waiting and time.monotonic() - t0 > 600:
+                logging.info("still waiting for %s", ", ".join(r.name for r in waiting))
+                t0 = time.monotonic()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    rundir.quiet_library_logs()
+    cli.quiet_library_logs()
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     spec = _SWEEP.value
     if spec is None:
         get_sweep = runpy.run_path(config_file).get("get_sweep")
         if get_sweep is None:
             raise app.UsageError(f"no --sweep given and {config_file} has no get_sweep()")
-        spec = get_sweep()
+        takes_config = bool(inspect.signature(get_sweep).parameters)
+        spec = get_sweep(_CONFIG.value) if takes_config else get_sweep()
+    runs_lib.check_writable(_WORKDIR.value)
     runs = expand(_CONFIG.value, spec, _WORKDIR.value)
     for run in runs:
-        rundir.check_config(run.workdir, run.config.to_dict())
-        run.before = sweep_lib.status(run.workdir, run.config)
+        runs_lib.check_config(run.workdir, run.config.to_dict())
+        run.before = runs_lib.status(run.workdir, run.config)
         if run.before == "done":
             run.outcome = "skipped"
     todo = [r for r in runs if r.outcome != "skipped"]
     logging.info("sweep of %d runs: %d to train (%d to resume), %d already done", len(runs), len(todo),
                  sum(r.before == "partial" for r in todo), len(runs) - len(todo))
     os.makedirs(_WORKDIR.value, exist_ok=True)
-    if todo:
-        if _BACKEND.value == "vmap":
-            backend_vmap(todo)
-        elif _BACKEND.value == "local":
-            backend_local(todo, config_file)
-        else:
-            backend_slurm(todo)
+    backends = {"vmap": backend_vmap, "local": lambda rs: backend_local(rs, config_file),
+                "slurm": backend_slurm}
+    train_all(todo, backends[_BACKEND.value])
     print(table(runs))
     if any(r.outcome == "failed" for r in runs):
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -52,9 +52,35 @@ def test_parse_and_names():
     assert sweep.parse("encoder_hidden=(64,);(32,32)", base)[1]["encoder_hidden"] == (32, 32)
     for bad, msg in [("beta", "expected FIELD=V1"), ("nope=1", "unknown config field"),
                      ("latent_dim=2.5", "not a valid int"), ("beta=1 beta=2", "given twice"),
-                     ("beta=x", "not a valid float")]:
+                     ("beta=x", "not a valid float"),
+                     # one value written twice: refused, naming both points
+                     ("beta=0.5,1,1.0", r"points beta=1 and beta=1.0 are the same run \(beta=1\)"),
+                     ("latent_dim=2,2.0", "latent_dim=2 and latent_dim=2.0 are the same run"),
+                     ("encoder_hidden=(64,);64", "are the same run"),
+                     ("output_bias_from_data=true,1", "are the same run")]:
         with pytest.raises(ValueError, match=msg):
             sweep.parse(bad, base)
+    # Exact floats: the shortest repr that reads back as the same number.
+    names = [sweep.run_name(p) for p in sweep.parse("beta=0.1234567,0.1234568,1e-05,2.5e+16", base)]
+    assert names == ["beta=0.1234567", "beta=0.1234568", "beta=1e-05", "beta=2.5e+16"]
+    assert [float(n.split("=")[1]) for n in names] == [0.1234567, 0.1234568, 1e-05, 2.5e16]
+    # Safe single path components that keep distinct values apart.
+    root = "/sweep"
+    values = ["../../../x", "/abs/path", "a/b", "a%2Fb", "..", ".hidden", "a,b=c", "é ü", "x" * 300, ""]
+    named = [sweep.run_name({"data_dir": v}) for v in values] + [sweep.run_name({})]
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._=,+-%")
+    for value, name in zip(values, named):
+        assert set(name) <= allowed and not name.startswith(".") and len(name) <= sweep.MAX_NAME, (value, name)
+        assert os.path.dirname(os.path.normpath(os.path.join(root, name))) == root, (value, name)
+    assert len(set(named)) == len(named)
+    assert named[0] == "data_dir=..%2F..%2F..%2Fx" and named[-1] == "base"
+    assert named[-3].startswith("data_dir=xxxx") and len(named[-3]) < 200
+    assert sweep.run_name({"data_dir": "y" * 300}) != named[-3]
+    assert sweep.run_name({".x": 1}).startswith("%2Ex=")
+    # Whole grids: points that give one directory or one config are refused before anything.
+    assert [n for n, _, _ in sweep.points("beta=1,2 seed=0", base)] == ["beta=1,seed=0", "beta=2,seed=0"]
+    with pytest.raises(ValueError, match="sweep point beta=-1"):
+        sweep.points("beta=-1", base)
 
 
 def test_groups_split_by_shared_fields_and_size():
@@ -88,8 +114,8 @@ def test_vmapped_member_step_equals_standalone_step(posterior, prior):
         graphdef, state, tx = train.create(c, ds.image_shape)
         fns = train.compile_fns(c, graphdef, tx, vmapped=False)
         key = jax.random.fold_in(jax.random.key(c.seed), 2)
-        new, metrics = fns.run_steps(jax.tree.map(jnp.copy, state), images, jnp.float32(c.beta), key, None,
-                                     num_steps=3)  # run_steps donates its state
+        new, metrics = fns.run_steps(jax.tree.map(jnp.copy, state), images, train.hyperparameters(c), key,
+                                     None, num_steps=3)  # run_steps donates its state
         standalone.append((state, new, metrics))
 
     big = small_config(latent_dim=8, posterior=posterior, prior=prior)
@@ -97,9 +123,9 @@ def test_vmapped_member_step_equals_standalone_step(posterior, prior):
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[train.pad_like(s, template) for s, _, _ in standalone])
     masks = jnp.asarray([np.arange(8) < c.latent_dim for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 2) for c in configs])
-    betas = jnp.asarray([c.beta for c in configs], jnp.float32)
+    hp = train._stack_hyperparameters(configs)
     fns = train.compile_fns(big, graphdef, tx, vmapped=True)
-    new, metrics = fns.run_steps(stacked, images, betas, keys, masks, num_steps=3)
+    new, metrics = fns.run_steps(stacked, images, hp, keys, masks, num_steps=3)
     for i, (init, want, want_metrics) in enumerate(standalone):
         member = jax.tree.map(lambda a: a[i], new)
         got = train.slice_like(member, init)
@@ -121,15 +147,17 @@ def test_vmapped_evaluation_equals_standalone():
     for c in configs:
         g, s, t = train.create(c, ds.image_shape)
         key = jax.random.fold_in(jax.random.key(c.seed), 3)
-        singles.append(train.compile_fns(c, g, t, vmapped=False).evaluate(
-            s.params, test, jnp.float32(1.0), jnp.int32(0), key, None))
+        singles.append(train.compile_fns(c, g, t, vmapped=False, dataset_size=1000).evaluate(
+            s, test, train.hyperparameters(c), jnp.int32(0), key, None))
         states.append(train.pad_like(s, template))
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
     masks = jnp.asarray([np.arange(6) < c.latent_dim for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
-    ev = train.compile_fns(big, graphdef, tx).evaluate(stacked.params, test, jnp.ones(2), jnp.int32(0), keys, masks)
+    ev = train.compile_fns(big, graphdef, tx, dataset_size=1000).evaluate(
+        stacked, test, train._stack_hyperparameters(configs), jnp.int32(0), keys, masks)
     for i, (c, single) in enumerate(zip(configs, singles)):
-        for name in ("neg_elbo", "recon", "kl", "kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim"):
+        for name in ("neg_elbo", "recon", "kl", "kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim",
+                     "loss", "index_code_mi", "total_correlation", "dimwise_kl"):
             np.testing.assert_allclose(ev[name][i], single[name], rtol=2e-5, err_msg=name)
         np.testing.assert_allclose(ev["kl_per_dim"][i][: c.latent_dim], single["kl_per_dim"], rtol=2e-5, atol=1e-7)
         np.testing.assert_array_equal(ev["kl_per_dim"][i][c.latent_dim:], 0.0)
@@ -166,7 +194,9 @@ def table_rows(stdout):
 def assert_complete(run_dir, num_steps, every=100):
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
     keys = [(r["step"], r["split"]) for r in rows]
-    assert sorted(keys) == sorted((s, sp) for s in range(0, num_steps + 1, every) for sp in ("train", "test"))
+    want = [(s, sp) for s in range(0, num_steps + 1, every) for sp in ("train", "test")]
+    want += [(s, "train_batch") for s in range(every, num_steps + 1, every)]  # training curves
+    assert sorted(keys) == sorted(want)
     for name in ("config.json", "samples.png", "reconstructions.png"):
         assert os.path.exists(os.path.join(run_dir, name))
 
@@ -223,21 +253,3 @@ def test_local_backend_runs_processes_and_matches_vmap(tmp_path):
         assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
         for ra, rb in zip(a, b):  # a standalone process and a vmapped member: same run
             np.testing.assert_allclose(ra["neg_elbo"], rb["neg_elbo"], rtol=2e-3)
-
-
-def test_report_from_sweep(tmp_path):
-    workdir = str(tmp_path / "sweep")
-    launch(workdir, "beta=0.5,4 latent_dim=2,4 seed=0,1", steps=100, check=0)
-    subprocess.run([sys.executable, "-m", "experiments.report", f"--workdir={workdir}"], cwd=REPO,
-                   check=True, capture_output=True)
-    for name in ("rate_distortion", "active_units", "kl_per_dim", "kl_terms", "elbo_vs_beta"):
-        assert os.path.getsize(os.path.join(workdir, "figures", f"{name}.png")) > 5000
-    html = open(os.path.join(workdir, "report.html")).read()
-    assert "rate_distortion.png" in html and "beta=4,latent_dim=4,seed=1/samples.png" in html
-    df = analysis.load_sweep(workdir)
-    assert set(df.columns) >= {"run", "step", "split", "beta", "latent_dim", "seed", "neg_elbo", "kl_per_dim"}
-    assert df.run.nunique() == 8
-    s = analysis.summary(df)
-    assert len(s) == 4 and (s.seeds == 2).all()
-    f = analysis.final(df)
-    assert (f.step == 100).all()

@@ -63,12 +63,21 @@ def test_run_writes_everything_and_metrics_are_consistent(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["40", "60"]  # keep 2 (+ best)
 
     df = pd.read_json(os.path.join(workdir, "metrics.jsonl"), lines=True)
-    assert sorted(zip(df.step, df.split)) == sorted((s, sp) for s in (0, 20, 40, 60) for sp in ("train", "test"))
-    for _, row in df.iterrows():
+    want = [(s, sp) for s in (0, 20, 40, 60) for sp in ("train", "test")]
+    want += [(s, "train_batch") for s in range(10, 61, 10)]  # training curves every log_every
+    assert sorted(zip(df.step, df.split)) == sorted(want)
+    curve = df[df.split == "train_batch"]
+    np.testing.assert_allclose(curve.neg_elbo, curve.recon + curve.kl, rtol=1e-5)
+    np.testing.assert_allclose(curve.loss, curve.recon + curve.penalty, rtol=1e-5)
+    assert (curve.beta_weight == 1.0).all() and curve.total_correlation.notna().all()
+    assert curve.loss.iloc[-1] < curve.loss.iloc[0]
+    for _, row in df[df.split != "train_batch"].iterrows():
         assert len(row.kl_per_dim) == config.latent_dim
         np.testing.assert_allclose(sum(row.kl_per_dim), row.kl, rtol=1e-5)
         np.testing.assert_allclose(row.neg_elbo, row.recon + row.kl, rtol=1e-6)
-        np.testing.assert_allclose(row.loss, row.recon + row.beta * row.kl, rtol=1e-6)
+        np.testing.assert_allclose(row.loss, row.recon + row.penalty, rtol=1e-6)
+        # β·KL, averaged over the full evaluation batches only (N is not a multiple of 128 here)
+        np.testing.assert_allclose(row.penalty, config.beta * row.kl, rtol=5e-2)
         np.testing.assert_allclose(
             0.5 * (row.kl_trace + row.kl_mahalanobis - row.kl_dim + row.kl_log_det_ratio), row.kl,
             rtol=1e-3, atol=1e-3)
@@ -115,7 +124,9 @@ def test_metrics_after_the_last_checkpoint_are_dropped_on_resume(tmp_path):
     train.train_and_evaluate(small_config(num_steps=60, checkpoint_every=40), workdir)
     steps = [(r["step"], r["split"]) for r in read_rows(workdir)]
     assert len(steps) == len(set(steps))
-    assert sorted(steps) == sorted((s, sp) for s in (0, 20, 40, 60) for sp in ("train", "test"))
+    want = [(s, sp) for s in (0, 20, 40, 60) for sp in ("train", "test")]
+    assert sorted(st for st in steps if st[1] != "train_batch") == sorted(want)
+    assert sorted(s for s, sp in steps if sp == "train_batch") == list(range(10, 61, 10))
 
 
 def test_sigkill_mid_training_then_restart(tmp_path):
@@ -197,10 +208,10 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     dict(posterior="full", prior="full"),
-    dict(posterior="diag", prior="diag", beta_schedule="cyclical", beta_cycle_steps=10),
+    dict(posterior="diag", prior="diag", beta_schedule="cyclical", beta_cycles=3),
     dict(model="conv", conv_channels=(8, 16), conv_hidden=32, activation="relu"),
-    dict(likelihood="gaussian_learned", binarization="none", free_bits=0.5),
-    dict(capacity_max=5.0, capacity_steps=20, lr_schedule="cosine"),
+    dict(likelihood="gaussian_learned", binarization="none", regularizer="free_bits", free_bits=0.5),
+    dict(regularizer="capacity", capacity_max=5.0, capacity_steps=20, lr_schedule="cosine"),
     dict(binarization="static", lr_schedule="iwae", output_bias_from_data=True),
 ])
 def test_model_variants_train(tmp_path, overrides):

@@ -7,15 +7,17 @@ what they need; every field can be overridden from the command line
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from vaekl import regularizers
 from vaekl.models.likelihoods import LIKELIHOODS
 from vaekl.models.priors import PRIORS
 from vaekl.models.vae import MODELS
 from vaekl.models.networks import ACTIVATIONS
 
 BINARIZATIONS = ("none", "static", "dynamic")
-BETA_SCHEDULES = ("constant", "linear", "cyclical")
 LR_SCHEDULES = ("constant", "cosine", "iwae")
 
 
@@ -40,15 +42,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.likelihood_sigma = 1.0      # σ of the Gaussian likelihood (its start when learned)
     c.latent_dim = 8
     c.output_bias_from_data = False  # start the decoder output bias at logit(mean image)
-    # Objective (nats): recon + β·w(t)·KL, with optional free bits or capacity.
-    c.beta = 1.0
-    c.beta_schedule = "constant"  # constant | linear | cyclical
-    c.beta_warmup_steps = 1000    # linear: steps from w = 0 to 1
-    c.beta_cycle_steps = 1000     # cyclical: period
-    c.beta_cycle_ramp = 0.5       # cyclical: fraction of the period spent ramping 0 → 1
-    c.free_bits = 0.0             # λ, nats per latent dimension (0 disables)
-    c.capacity_max = 0.0          # C_max, nats (0 disables capacity control)
-    c.capacity_steps = 10000      # steps over which C grows linearly from 0 to C_max
+    # Objective (nats): recon + the regularizer's penalty (vaekl.regularizers); its fields
+    # (β, schedules, strengths) are declared in vaekl.regularizers.FIELDS and added below.
+    c.regularizer = "kl"          # kl | free_bits | capacity | tcvae | dip_i | dip_ii | mmd | factor
     # Optimization.
     c.batch_size = 100
     c.learning_rate = 1e-3
@@ -57,6 +53,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.adam_b2 = 0.999
     c.adam_eps = 1e-8
     c.num_steps = 2000
+    c.steps_per_call = 0          # steps per compiled call, unrolled (0: automatic, see train.steps_per_call)
     c.seed = 0
     # Evaluation, logging and checkpoints.
     c.eval_every = 500
@@ -67,7 +64,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.num_eval_train = 2000       # training examples used for the 'train' evaluation rows
     c.active_units_threshold = 0.01
     c.num_images = 64             # reconstructions and samples in the final PNG grids
+    for name, field in regularizers.FIELDS.items():
+        c[name] = field.default
     return c
+
+
+MAX_SEED = 2**32 - 1  # jax.random.key takes a uint32 seed; larger seeds would wrap around
 
 
 def _choice(config, field, choices):
@@ -75,45 +77,90 @@ def _choice(config, field, choices):
         raise ValueError(f"config.{field}={config[field]!r} is not one of {tuple(choices)}")
 
 
-def _at_least(config, field, low, integer=False):
+def _number(config, field, integer=False) -> float:
     value = config[field]
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"config.{field}={value!r} must be an integer")
-    if not value >= low:  # also rejects NaN
-        raise ValueError(f"config.{field}={value!r} must be >= {low}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.{field}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ValueError(f"config.{field}={value!r} must be finite")
+    return value
+
+
+def _at_least(config, field, low, integer=False, high=None):
+    value = _number(config, field, integer)
+    if not value >= low or (high is not None and not value <= high):
+        raise ValueError(f"config.{field}={value!r} must be >= {low}" +
+                         (f" and <= {high}" if high is not None else ""))
+
+
+def _positive_ints(config, field, allow_empty=False):
+    value = config[field]
+    if (not isinstance(value, tuple) or (not value and not allow_empty)
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+        raise ValueError(f"config.{field}={value!r} must be a tuple of integers >= 1")
+
+
+def _regularizer_field(config, name: str, f: regularizers.Field) -> None:
+    value = config[name]
+    if f.choices is not None:
+        _choice(config, name, f.choices)
+    elif isinstance(f.default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config.{name}={value!r} must be True or False")
+    else:
+        value = _number(config, name, integer=isinstance(f.default, int))
+        if f.low is not None and not (value > f.low if f.low_open else value >= f.low):
+            raise ValueError(f"config.{name}={value!r} must be {'>' if f.low_open else '>='} {f.low}")
+        if f.high is not None and not value <= f.high:
+            raise ValueError(f"config.{name}={value!r} must be <= {f.high}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field; dataset existence is checked on load."""
-    unknown = set(config.keys()) - set(defaults().keys())
+    known = defaults()
+    unknown = set(config.keys()) - set(known.keys())
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)}")
     for field, choices in [("model", MODELS), ("posterior", ("diag", "full")), ("prior", PRIORS),
                            ("likelihood", LIKELIHOODS), ("binarization", BINARIZATIONS),
-                           ("beta_schedule", BETA_SCHEDULES), ("lr_schedule", LR_SCHEDULES),
-                           ("activation", tuple(ACTIVATIONS))]:
+                           ("lr_schedule", LR_SCHEDULES), ("activation", tuple(ACTIVATIONS)),
+                           ("regularizer", tuple(regularizers.REGISTRY))]:
         _choice(config, field, choices)
     if not isinstance(config.dataset, str) or not config.dataset:
         raise ValueError(f"config.dataset={config.dataset!r} must be a dataset name")
     for field in ("latent_dim", "batch_size", "num_steps", "eval_every", "log_every",
                   "checkpoint_every", "keep_checkpoints", "eval_batch_size", "num_eval_train",
-                  "beta_warmup_steps", "beta_cycle_steps", "capacity_steps"):
+                  "conv_hidden"):
         _at_least(config, field, 1, integer=True)
-    _at_least(config, "seed", 0, integer=True)
-    _at_least(config, "data_seed", 0, integer=True)
+    _at_least(config, "seed", 0, integer=True, high=MAX_SEED)
+    _at_least(config, "data_seed", 0, integer=True, high=MAX_SEED)
     _at_least(config, "num_images", 0, integer=True)
-    for field in ("beta", "free_bits", "capacity_max", "active_units_threshold"):
-        _at_least(config, field, 0.0)
+    _at_least(config, "steps_per_call", 0, integer=True)
+    _at_least(config, "active_units_threshold", 0.0)
     for field in ("learning_rate", "likelihood_sigma", "adam_eps"):
-        if not config[field] > 0:
+        if not _number(config, field) > 0:
             raise ValueError(f"config.{field}={config[field]!r} must be > 0")
-    for field in ("adam_b1", "adam_b2", "beta_cycle_ramp", "test_fraction"):
-        if not 0 <= config[field] < 1 or (field == "beta_cycle_ramp" and config[field] == 0):
-            raise ValueError(f"config.{field}={config[field]!r} must be in (0, 1)"
-                             if field == "beta_cycle_ramp" else
-                             f"config.{field}={config[field]!r} must be in [0, 1)")
-    if config.free_bits > 0 and config.capacity_max > 0:
-        raise ValueError("config.free_bits and config.capacity_max are alternatives; set one to 0")
-    if config.model == "mlp" and any(h < 1 for h in (*config.encoder_hidden, *config.decoder_hidden)):
-        raise ValueError(f"hidden sizes must be >= 1: encoder_hidden={config.encoder_hidden}, "
-                         f"decoder_hidden={config.decoder_hidden}")
+    for field in ("adam_b1", "adam_b2", "test_fraction"):
+        if not 0 <= _number(config, field) < 1:
+            raise ValueError(f"config.{field}={config[field]!r} must be in [0, 1)")
+    for name, f in regularizers.FIELDS.items():
+        _regularizer_field(config, name, f)
+    _positive_ints(config, "encoder_hidden", allow_empty=True)
+    _positive_ints(config, "decoder_hidden", allow_empty=True)
+    _positive_ints(config, "conv_channels")
+    reg = regularizers.REGISTRY[config.regularizer]
+    for name, f in regularizers.FIELDS.items():
+        if name not in reg.fields and config[name] != f.default:
+            readers = [r.name for r in regularizers.REGISTRY.values() if name in r.fields]
+            raise ValueError(f"config.{name}={config[name]!r} has no effect with "
+                             f"regularizer={config.regularizer!r}; it is read by regularizer "
+                             f"{' or '.join(map(repr, readers))}")
+    if config.posterior not in reg.posteriors:
+        raise ValueError(f"config.regularizer={config.regularizer!r} needs posterior in "
+                         f"{reg.posteriors}, not {config.posterior!r}")
+    if config.regularizer == "mmd" and config.prior != "std_normal":
+        raise ValueError("config.regularizer='mmd' draws from N(0, I): set prior=std_normal")
+    if config.regularizer in ("tcvae",) and config.prior == "full":
+        raise ValueError("config.regularizer='tcvae' needs a factorized prior (std_normal or diag)")

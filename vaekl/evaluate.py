@@ -5,17 +5,17 @@
   grows. The K samples are taken in chunks with a running (streaming) log-sum-exp, and the
   examples in batches, so memory is bounded whatever K and the test-set size. Sample s of an
   example uses its own key fold_in(key, s), so the estimate does not depend on the chunking.
-* "ELBO surgery" (Hoffman & Johnson 2016): the average KL splits into the mutual information
-  I_q(x; z) = E_x E_q(z|x)[log q(z|x) − log q(z)] and the marginal KL(q(z) ‖ p(z)), where
-  q(z) = (1/N) Σₙ q(z|xₙ) is the aggregate posterior over the N evaluation examples.
-  Estimator: one zᵢ ~ q(z|xᵢ) per example and log q(zᵢ) = logsumexpₙ log q(zᵢ|xₙ) − log N
-  over all N examples (exact mixture, no minibatch approximation); MI is at most log N.
-  marginal KL = average KL − MI.
+* The dataset-level KL decomposition ("ELBO surgery", Hoffman & Johnson 2016; β-TCVAE,
+  Chen et al. 2018) over the N evaluation examples, with the aggregate posterior
+  q(z) = (1/N) Σₙ q(z|xₙ) the exact mixture (no minibatch approximation):
+      KL = E_x KL(q(z|x) ‖ p) = MI + marginal KL = MI + TC + dimension-wise KL,
+  see :func:`kl_decomposition`.
 All amounts are nats per example.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,10 +25,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.scipy.linalg import solve_triangular
 
-from vaekl import checkpoints, data, objectives, train
+from vaekl import checkpoints, data, objectives, runs, train
+from vaekl import metrics as metrics_lib
 from vaekl.models import gaussian
+from vaekl.models.gaussian import Gaussian
 from vaekl.models.vae import VAE
+
+_LOG_2PI = math.log(2 * math.pi)
+_TABLE_ELEMENTS = 1 << 24  # the most entries of a [chunk, N, k] table of one block (64 MB f32)
+DECOMPOSITION_TERMS = ("mutual_info", "marginal_kl", "total_correlation", "dimwise_kl")
 
 
 def log_weights(model: VAE, x: jax.Array, keys: jax.Array) -> jax.Array:
@@ -74,52 +81,203 @@ def test_log_likelihood(model: VAE, x: jax.Array, key: jax.Array, num_samples: i
                                                                num_samples, chunk), x, batch_size)
 
 
-def mutual_information(model: VAE, x: jax.Array, key: jax.Array, chunk: int = 64) -> jax.Array:
-    """I_q(x; z) over the examples x [N, ...], with q(z) the exact mixture of their posteriors."""
-    q = model.encode(x)  # batch [N]
-    n = x.shape[0]
-    z = q.sample(key)  # [N, k], zᵢ ~ q(z|xᵢ)
-    log_q_own = q.log_prob(z)  # [N]
+def _block_size(n: int, k: int, chunk: int) -> int:
+    """Draws per block: at most ``chunk``, and few enough that a [block, n, k] table fits."""
+    return max(1, min(chunk, _TABLE_ELEMENTS // (n * k)))
 
-    def log_q_marginal(zi):  # zi [C, k] → log (1/N) Σₙ q(zᵢ|xₙ), [C]
-        table = q.log_prob(zi[:, None, :])  # [C, N], posteriors broadcast over the chunk
-        return jax.nn.logsumexp(table, axis=1) - math.log(n)
 
-    if not q.is_diagonal:  # full covariances broadcast a [C, N, k, k] table: keep it ~200 MB
-        chunk = max(1, min(chunk, int(5e7 // (n * q.latent_dim**2))))
-    log_q_z = train.batched_map(lambda zb, _: log_q_marginal(zb), z, chunk)
-    return jnp.mean(log_q_own - log_q_z)
+def _log_normal_1d(z: jax.Array, mean: jax.Array, log_var: jax.Array) -> jax.Array:
+    """Elementwise log N(z; mean, exp(log_var)) in nats (one value per dimension)."""
+    return -0.5 * (jnp.square(z - mean) * jnp.exp(-log_var) + log_var + _LOG_2PI)
+
+
+def _log_prob_table(mean: jax.Array, tril: jax.Array, z: jax.Array) -> jax.Array:
+    """[C, M] log N(z_c; mean_m, L_m L_mᵀ) for z [C, k], mean [M, k], tril [M, k, k].
+
+    One triangular solve per component with the C draws as right-hand sides: the largest
+    intermediate is [M, k, C], not the [C, M, k, k] of broadcasting the factors.
+    """
+    k = z.shape[-1]
+    diff = jnp.swapaxes(z[None, :, :] - mean[:, None, :], -1, -2)  # [M, k, C]
+    w = solve_triangular(tril, diff, lower=True)
+    log_det = 2.0 * jnp.sum(jnp.log(jnp.abs(jnp.diagonal(tril, axis1=-2, axis2=-1))), -1)  # [M]
+    return (-0.5 * (jnp.sum(jnp.square(w), 1) + log_det[:, None] + k * _LOG_2PI)).T
+
+
+def _prior_log_probs(p: Gaussian | None, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log p(z), Σⱼ log p(zⱼ)) for z [C, k], each [C]; the same array for a factorized p."""
+    if p is None:
+        dims = gaussian.standard_normal_log_prob(z)
+        return dims, dims
+    if p.is_diagonal:
+        dims = jnp.sum(_log_normal_1d(z, p.mean, p.log_var), -1)
+        return dims, dims
+    joint = _log_prob_table(p.mean.reshape(1, -1), p.scale_tril.reshape(1, *p.scale_tril.shape[-2:]), z)
+    return joint[:, 0], jnp.sum(_log_normal_1d(z, p.mean, p.log_variances()), -1)
+
+
+@functools.partial(jax.jit, static_argnames="chunk")
+def decomposition_terms(q: Gaussian, p: Gaussian | None, z: jax.Array,
+                        chunk: int = 1024) -> dict[str, jax.Array]:
+    """Per-draw terms of the KL decomposition, each [S, N], for given draws z [S, N, k].
+
+    ``z[s, n]`` should be a draw from q(z|xₙ), q the posteriors of the N evaluation examples
+    (batch [N], diagonal or full covariance); p is the prior (None = N(0, I), or a Gaussian
+    with event shape [k]). With log q(z) = logsumexpₘ log q(z|xₘ) − log N and the exact 1-D
+    marginal mixtures log q(zⱼ) = logsumexpₘ log N(zⱼ; μₘⱼ, Σₘ,ⱼⱼ) − log N:
+      mutual_info       = log q(z|xₙ) − log q(z),
+      marginal_kl       = log q(z) − log p(z),
+      total_correlation = log q(z) − Σⱼ log q(zⱼ),
+      dimwise_kl        = Σⱼ log q(zⱼ) − Σⱼ log p(zⱼ)   (p's 1-D marginals for a full p).
+    The N·S draws are processed in blocks of at most ``chunk`` (fewer when N·k is large), so
+    memory is O(chunk · N · k) whatever S; the cost is O(S · N² · k) (O(S · N² · k²) for full q).
+    """
+    s, n, k = z.shape
+    log_n = math.log(n)
+    q_log_var = q.log_variances()  # [N, k]: a full Σ's diagonal, Σᵢ Lᵢⱼ²
+
+    def block(zb, _):  # zb [C, k] → log q(z), Σⱼ log q(zⱼ), log p(z), Σⱼ log p(zⱼ), each [C]
+        table = _log_normal_1d(zb[:, None, :], q.mean, q_log_var)  # [C, N, k]
+        log_q_dims = jnp.sum(jax.nn.logsumexp(table, axis=1) - log_n, -1)
+        joint = jnp.sum(table, -1) if q.is_diagonal else _log_prob_table(q.mean, q.scale_tril, zb)
+        return (jax.nn.logsumexp(joint, axis=1) - log_n, log_q_dims, *_prior_log_probs(p, zb))
+
+    flat = train.batched_map(block, z.reshape(s * n, k), _block_size(n, k, chunk))
+    log_q, log_q_dims, log_p, log_p_dims = (a.reshape(s, n) for a in flat)
+    log_q_own = jax.lax.map(q.log_prob, z)  # [S, N]; a full q's factors are not broadcast over S
+    return {"mutual_info": log_q_own - log_q, "marginal_kl": log_q - log_p,
+            "total_correlation": log_q - log_q_dims, "dimwise_kl": log_q_dims - log_p_dims}
+
+
+def _mean_and_se(per_draw: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mean of [S, N] values and its Monte-Carlo standard error for the fixed N examples.
+
+    Draws are independent across examples and draws, but each example has its own
+    distribution, so se² = Σₙ Varₛ(·ₙ) / (S N²) with the within-example variance (ddof 1):
+    it does not count the spread between the examples' expected values. NaN for S = 1.
+    """
+    s, n = per_draw.shape
+    var = jnp.var(per_draw, axis=0, ddof=1) if s > 1 else jnp.full(n, jnp.nan)
+    return per_draw.mean(), jnp.sqrt(jnp.sum(var) / s) / n
+
+
+@jax.jit
+def _summarize(q: Gaussian, p: Gaussian | None, terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Means and standard errors of the per-draw terms [S, N], with the closed-form KL."""
+    kl_n = gaussian.kl(q, p)  # [N], closed form
+    terms = dict(terms)
+    terms["identity_gap"] = kl_n - (terms["mutual_info"] + terms["total_correlation"]
+                                    + terms["dimwise_kl"])
+    out = {"kl": kl_n.mean(), "kl_se": jnp.zeros((), kl_n.dtype)}
+    for name in (*DECOMPOSITION_TERMS, "identity_gap"):
+        out[name], out[name + "_se"] = _mean_and_se(terms[name])
+    out["index_code_mi"], out["index_code_mi_se"] = out["mutual_info"], out["mutual_info_se"]
+    return out
+
+
+def kl_decomposition_from_draws(q: Gaussian, p: Gaussian | None, z: jax.Array,
+                                chunk: int = 1024) -> dict[str, jax.Array]:
+    """:func:`kl_decomposition` for given draws z [S, N, k], z[s, n] ~ q(z|xₙ)."""
+    return _summarize(q, p, decomposition_terms(q, p, z, chunk))
+
+
+def kl_decomposition(q: Gaussian, p: Gaussian | None, key: jax.Array, num_draws: int = 10,
+                     chunk: int = 1024) -> dict:
+    """The dataset-level decomposition of the average KL over N examples, nats per example.
+
+    q: the posteriors q(z|xₙ) of the evaluation set, batch [N] (diagonal or full covariance);
+    p: the prior, None for N(0, I), or a learned diagonal or full Gaussian. The aggregate
+    posterior q(z) = (1/N) Σₙ q(z|xₙ) is the exact mixture over the N examples, and so are
+    its 1-D marginals q(zⱼ) (a full Σ enters them through its diagonal). S = ``num_draws``
+    draws z ~ q(z|xₙ) per example, draw s from q.sample(fold_in(key, s)) (per-dimension
+    noise streams). Returns, each with ``<name>_se``:
+
+      kl                 E_x KL(q(z|x) ‖ p), closed form (exact; se 0);
+      mutual_info        E[log q(z|x) − log q(z)], the index-code MI, ≤ log N (also as
+                         ``index_code_mi``);
+      marginal_kl        E_q(z)[log q(z) − log p(z)], estimated directly (not as KL − MI);
+      total_correlation  E_q(z)[log q(z) − Σⱼ log q(zⱼ)];
+      dimwise_kl         E_q(z)[Σⱼ log q(zⱼ) − log p(zⱼ)];
+      identity_gap       kl − (mutual_info + total_correlation + dimwise_kl);
+    and ``num_draws``. Each estimate is the mean over the N·S draws, unbiased for this
+    evaluation set (the mixture is exact, not itself estimated). For a factorized p (N(0, I)
+    or diagonal), marginal_kl = total_correlation + dimwise_kl draw by draw and the identity
+    gap is 0 in expectation. For a full-covariance p, p(zⱼ) are p's 1-D marginals, so
+    dimwise_kl compares marginals only and TC + dimwise_kl ≠ marginal_kl (the difference is
+    E[Σⱼ log p(zⱼ) − log p(z)]), nor is the identity gap 0.
+
+    Standard errors: the per-draw values are independent across the N·S draws given the
+    fixed evaluation set, so se is the Monte-Carlo error of the estimator for this set,
+    sqrt(Σₙ Varₛ / S) / N from the within-example variances (NaN when S = 1). It is not the
+    sampling error over the data distribution: the spread between examples is not in it.
+    """
+    return dict(_kl_decomposition(q, p, key, num_draws, chunk), num_draws=num_draws)
+
+
+@functools.partial(jax.jit, static_argnames=("num_draws", "chunk"))
+def _kl_decomposition(q: Gaussian, p: Gaussian | None, key: jax.Array, num_draws: int,
+                      chunk: int) -> dict[str, jax.Array]:
+    """The compiled body of :func:`kl_decomposition` (draw s from fold_in(key, s))."""
+    z = jax.vmap(lambda s: q.sample(jax.random.fold_in(key, s)))(jnp.arange(num_draws))
+    return kl_decomposition_from_draws(q, p, z, chunk)
+
+
+def mutual_information(model: VAE, x: jax.Array, key: jax.Array, num_draws: int = 10,
+                       chunk: int = 1024) -> jax.Array:
+    """I_q(x; z) over the examples x [N, ...]: :func:`kl_decomposition`'s ``mutual_info``."""
+    return kl_decomposition(model.encode(x), model.prior(), key, num_draws, chunk)["mutual_info"]
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """A run's config.json over today's defaults (fields added since keep their defaults)."""
-    from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top
-
-    config = config_lib.defaults()
-    with open(os.path.join(workdir, "config.json")) as f:
-        for k, v in json.load(f).items():
-            config[k] = tuple(v) if isinstance(v, list) else v
-    return config
+    """A run's config.json over today's defaults (:func:`vaekl.runs.read_config`)."""
+    return runs.read_config(workdir)
 
 
 def _restore(workdir: str, config: ml_collections.ConfigDict, image_shape, train_images, which: str):
+    """(graphdef, state, step) of the run's best or latest good checkpoint (a damaged one is
+    skipped with a warning)."""
     graphdef, state, _ = train.create(config, image_shape, train_images)
-    mgr = checkpoints.manager(workdir, config.keep_checkpoints)
-    step = mgr.best_step() if which == "best" else mgr.latest_step()
+    mgr = checkpoints.manager(workdir, config.keep_checkpoints, read_only=True)
+    try:
+        step, state = checkpoints.restore_step(mgr, which, state)
+    finally:
+        mgr.close()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = checkpoints.restore(mgr, step, state)
-    mgr.close()
     return graphdef, state, step
 
 
+def disentanglement_scores(ds: data.Dataset, graphdef, params, seed: int = 0,
+                           dci_model: str = "random_forest", metrics=None) -> dict[str, float]:
+    """Every metric of :mod:`vaekl.disentanglement` for the posterior means of a trained model on
+    a ground-truth dataset, flattened to ``{"<metric>.<output>": value}``; disentanglement_lib's
+    defaults except ``dci_model`` ('gbt' is disentanglement_lib's, ~15× slower on this CPU)."""
+    from vaekl import disentanglement  # pylint: disable=g-import-not-at-top
+
+    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode(x).mean)
+    rep = lambda x: np.asarray(encode(params, jnp.asarray(x, jnp.float32)))  # noqa: E731
+    out = disentanglement.evaluate_all(ds, rep, np.random.default_rng(seed), metrics=metrics,
+                                       options={"dci": {"model": dci_model}})
+    return {f"{name}.{k}" if k != name else name: float(v)
+            for name, d in out.items() for k, v in d.items()}
+
+
 def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_size: int = 100,
-                 which: str = "best", seed: int = 0) -> dict:
+                 which: str = "best", seed: int = 0, num_draws: int = 10, disentanglement: bool = True,
+                 dci_model: str = "random_forest") -> dict:
     """Evaluates a run's best (or latest) checkpoint on its test split; writes eval.json.
 
     Dynamically binarized data is binarized once, with a fixed key, so that every number in
-    the file refers to the same binary test set.
+    the file refers to the same binary test set. ``nll_se`` is the standard deviation over
+    the test examples of their log-likelihood estimates / sqrt(N). The KL decomposition
+    (:func:`kl_decomposition`, ``num_draws`` ≥ 2 draws per example) has Monte-Carlo standard
+    errors ``<name>_se`` for this test set. The batch metrics of training (every declared
+    metric, :mod:`vaekl.metrics`) are recomputed on the test set too. On a dataset with
+    ground-truth factors (dSprites) eval.json gains a ``disentanglement`` object
+    (:func:`disentanglement_scores`, with ``disentanglement=True``).
     """
+    if num_draws < 2:
+        raise ValueError(f"num_draws must be at least 2 (for the standard errors), got {num_draws}")
     config = load_config(workdir)
     ds = data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
                    seed=config.data_seed)
@@ -129,31 +287,32 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     if config.binarization == "dynamic":
         test = (data.binarize(jax.random.fold_in(key, 1), test, "dynamic") * 255).astype(jnp.uint8)
     graphdef, state, step = _restore(workdir, config, ds.image_shape, train_np, which)
-    obj = objectives.Objective.from_config(config)
-    cfg = train.EvalConfig(batch_size, "none", obj, config.active_units_threshold)
-    stats = jax.jit(lambda p, x: train.evaluate(p, x, jnp.float32(config.beta), jnp.int32(step),
+    cfg = train.EvalConfig(batch_size, "none", objectives.Static.from_config(config, train.dataset_size(ds)),
+                           config.active_units_threshold)
+    stats = jax.jit(lambda s, x: train.evaluate(s, x, train.hyperparameters(config), jnp.int32(step),
                                                 jax.random.fold_in(key, 2), None, graphdef=graphdef,
-                                                cfg=cfg))(state.params, test)
+                                                cfg=cfg))(state, test)
     x = data.to_float(test)
 
     @jax.jit
-    def nll_and_mi(params, x):
+    def nll_and_decomposition(params, x):
         model = nnx.merge(graphdef, params)
         ll = test_log_likelihood(model, x, jax.random.fold_in(key, 3), num_samples, chunk, batch_size)
-        return -ll.mean(), mutual_information(model, x, jax.random.fold_in(key, 4))
+        dec = kl_decomposition(model.encode(x), model.prior(), jax.random.fold_in(key, 4), num_draws)
+        return -ll.mean(), ll.std(ddof=1) / math.sqrt(x.shape[0]), dec
 
-    nll, mi = jax.device_get(nll_and_mi(state.params, x))
-    kl = float(stats["kl"])
-    result = {
-        "nll": float(nll), "num_samples": num_samples, "neg_elbo": float(stats["neg_elbo"]),
-        "recon": float(stats["recon"]), "kl": kl, "active_units": int(stats["active_units"]),
-        "mutual_info": float(mi), "marginal_kl": kl - float(mi),
-        "kl_per_dim": [float(v) for v in stats["kl_per_dim"]],
-        "kl_trace": float(stats["kl_trace"]), "kl_mahalanobis": float(stats["kl_mahalanobis"]),
-        "kl_log_det_ratio": float(stats["kl_log_det_ratio"]), "kl_dim": float(stats["kl_dim"]),
-        "au_variance": [float(v) for v in stats["au_variance"]],
-        "step": int(step), "checkpoint": which, "num_test": int(test.shape[0]),
-    }
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    nll, nll_se, dec = jax.device_get(nll_and_decomposition(state.params, x))
+    evaluated = metrics_lib.row(step, "test", jax.device_get(stats))  # every declared metric
+    result = {k: v for k, v in evaluated.items() if k != "split"}
+    result.update({
+        "nll": float(nll), "nll_se": float(nll_se), "num_samples": num_samples,
+        **{name + se: float(dec[name + se]) for name in ("index_code_mi", *DECOMPOSITION_TERMS)
+           for se in ("", "_se")},
+        "kl_identity_gap": float(dec["identity_gap"]), "kl_identity_gap_se": float(dec["identity_gap_se"]),
+        "kl_decomposition_draws": num_draws,
+        "checkpoint": which, "num_test": int(test.shape[0]),
+    })
+    if disentanglement and hasattr(ds, "factor_sizes"):
+        result["disentanglement"] = disentanglement_scores(ds, graphdef, state.params, seed, dci_model)
+    runs.atomic_write(os.path.join(workdir, runs.EVAL), json.dumps(result, indent=2))
     return result

@@ -1,118 +1,185 @@
-"""The β-VAE objective: negative ELBO = reconstruction + β·KL, with schedules, free bits, capacity.
+"""The objective, assembled in one place for training and evaluation.
 
 Reductions, everywhere in vaekl: sum over pixels and over latent dimensions, mean over the
 batch; every amount is in nats per example. ``neg_elbo`` is always the true negative ELBO,
-recon + KL, unweighted; ``loss`` is the objective that is minimized:
+recon + KL, unweighted; ``loss`` is the objective that is minimized,
 
-  * plain:     recon + β·w(t)·KL
-  * free bits: recon + β·w(t)·Σᵢ max(λ, KLᵢ), KLᵢ the batch-averaged KL of dimension i
-               (Kingma et al. 2016): each dimension's batch-averaged KL is clamped from
-               below at λ, so no gradient pushes a dimension under λ nats;
-  * capacity:  recon + β·w(t)·|KL − C(t)|, C(t) = C_max·min(1, t/T) (Burgess et al. 2018);
+    loss = recon + penalty,
 
-with w(t) the β schedule: 1 (constant), min(1, t/T_warm) (linear warm-up), or the
-cyclical schedule of Fu et al. (2019), ramping 0 → 1 over the first ``ramp`` fraction of
-each period, then holding 1.
+with the penalty of the run's regularizer (:mod:`vaekl.regularizers`: β·KL and its schedules,
+free bits, capacity, β-TCVAE, DIP-VAE, InfoVAE/MMD, FactorVAE). The per-run hyperparameters
+``hp`` (β, the strengths, …) are traced values, so runs that differ only in them share one
+compiled program; the :class:`Static` settings are compile-time.
+
+Besides the regularizer's own metrics, every run logs the closed-form KL with its terms per
+latent dimension and β-TCVAE's split of the batch KL (index-code MI, total correlation,
+dimension-wise KL; minibatch-stratified estimate with N the training-set size), whatever its
+regularizer, because those are what a researcher compares across methods.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vaekl import estimators, regularizers
+from vaekl import metrics as M
 from vaekl.models import gaussian
 from vaekl.models.vae import VAE
 
+TERMS = ("kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim")
+TC_PARTS = ("index_code_mi", "total_correlation", "dimwise_kl")
 
-class Objective(NamedTuple):
-    """The static (compile-time) settings of the objective; β itself is traced."""
+M.declare("loss", "the minimized objective recon + penalty")
+M.declare("neg_elbo", "negative ELBO recon + KL (unweighted)")
+M.declare("recon", "reconstruction −E_q log p(x|z), one sample")
+M.declare("kl", "closed-form KL(q(z|x) ‖ p(z))")
+M.declare("penalty", "the regularizer's penalty")
+M.declare("kl_per_dim", "KL per latent dimension", per_dim=True)
+M.declare("kl_trace", "Σᵢ of the trace term tr(Σp⁻¹Σq) (dimensionless)")
+M.declare("kl_mahalanobis", "the Mahalanobis term (μp−μq)ᵀΣp⁻¹(μp−μq)")
+M.declare("kl_log_det_ratio", "the log-determinant term log|Σp| − log|Σq|")
+M.declare("kl_dim", "the constant term k (live latent dimensions)")
+for _t in TERMS[:3]:
+    M.declare(_t + "_per_dim", f"{_t} per latent dimension", per_dim=True)
+M.declare("index_code_mi", "β-TCVAE index-code mutual information (batch estimate)")
+M.declare("total_correlation", "β-TCVAE total correlation (batch estimate)")
+M.declare("dimwise_kl", "β-TCVAE dimension-wise KL (batch estimate)")
+M.declare("active_units", "dimensions u with Var_x E_q[z_u|x] > threshold", integer=True)
+M.declare("au_variance", "Var_x E_q[z_u|x] per latent dimension", per_dim=True)
 
-    beta_schedule: str = "constant"
-    beta_warmup_steps: int = 1
-    beta_cycle_steps: int = 1
-    beta_cycle_ramp: float = 0.5
-    free_bits: float = 0.0
-    capacity_max: float = 0.0
-    capacity_steps: int = 1
+
+class Static(NamedTuple):
+    """The compile-time settings of the objective (hashable)."""
+
+    regularizer: str
+    settings: tuple[tuple[str, Any], ...]  # the static regularizer fields
+    num_steps: int
+    dataset_size: int
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "Objective":
-        return cls(**{f: config[f] for f in cls._fields})
+    def from_config(cls, config: ml_collections.ConfigDict, dataset_size: int) -> "Static":
+        return cls(config.regularizer, tuple((k, config[k]) for k in regularizers.static_fields()),
+                   int(config.num_steps), int(dataset_size))
 
 
-def beta_weight(obj: Objective, step: jax.Array) -> jax.Array:
-    """w(t) in [0, 1], the schedule's multiplier of β at training step t."""
-    t = jnp.asarray(step, jnp.float32)
-    if obj.beta_schedule == "constant":
-        return jnp.ones_like(t)
-    if obj.beta_schedule == "linear":
-        return jnp.minimum(1.0, t / obj.beta_warmup_steps)
-    if obj.beta_schedule == "cyclical":
-        phase = jnp.mod(t, obj.beta_cycle_steps) / obj.beta_cycle_steps
-        return jnp.minimum(1.0, phase / obj.beta_cycle_ramp)
-    raise ValueError(f"unknown beta_schedule {obj.beta_schedule!r}")
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """The per-run values of the objective, float32 scalars (stack them to vmap over runs)."""
+    return {k: jnp.float32(config[k]) for k in regularizers.per_run_fields()}
 
 
-def capacity(obj: Objective, step: jax.Array) -> jax.Array:
-    """C(t) in nats (0 when capacity control is off)."""
-    t = jnp.asarray(step, jnp.float32)
-    return obj.capacity_max * jnp.minimum(1.0, t / obj.capacity_steps)
+class Parts(NamedTuple):
+    """What the model produced for a batch of B examples (masked dimensions already zeroed)."""
+
+    q: gaussian.Gaussian
+    z: jax.Array                    # [B, k]
+    p: gaussian.Gaussian | None
+    mask: jax.Array                 # [k]
+    per_example: dict               # name → [B] or [B, k]
 
 
-def regularizer(obj: Objective, kl_per_dim: jax.Array, kl: jax.Array, c: jax.Array,
-                latent_mask: jax.Array | None = None) -> jax.Array:
-    """What β·w(t) multiplies: KL, Σᵢ max(λ, KLᵢ) (free bits) or |KL − C| (capacity).
-
-    ``kl_per_dim`` [k] is batch-averaged; masked dimensions add nothing, even under free bits.
-    """
-    if obj.free_bits > 0:
-        mask = jnp.ones_like(kl_per_dim) if latent_mask is None else latent_mask.astype(kl.dtype)
-        return jnp.sum(jnp.maximum(obj.free_bits, kl_per_dim) * mask)
-    if obj.capacity_max > 0:
-        return jnp.abs(kl - c)
-    return kl
-
-
-def per_example(model: VAE, x: jax.Array, key: jax.Array,
-                latent_mask: jax.Array | None = None) -> dict[str, jax.Array]:
-    """One-sample ELBO parts for a batch x [B, H, W, C], each per example.
+def parts(model: VAE, x: jax.Array, key: jax.Array, latent_mask: jax.Array | None = None) -> Parts:
+    """One-sample ELBO parts for a batch x [B, H, W, C].
 
     ``latent_mask`` [k] (0/1) switches latent dimensions off: a masked dimension is zeroed
-    before the decoder and contributes nothing to the KL or its terms.
+    before the decoder and contributes nothing to the KL, its terms or any regularizer.
 
-    Returns:
-      recon [B] (−log p(x|z), z ~ q), kl_per_dim [B, k], kl_trace / kl_mahalanobis /
-      kl_log_det_ratio / kl_dim [B] (the KL terms), the first three also per dimension
-      (``*_per_dim`` [B, k]), and posterior_mean [B, k].
+    ``per_example`` holds recon [B] (−log p(x|z), z ~ q), kl_per_dim [B, k], the KL terms
+    kl_trace / kl_mahalanobis / kl_log_det_ratio / kl_dim [B], the first three per dimension
+    (``*_per_dim`` [B, k]) and posterior_mean [B, k].
     """
     q = model.encode(x)
-    z = q.sample(key)
-    mask = jnp.ones(q.latent_dim, z.dtype) if latent_mask is None else latent_mask.astype(z.dtype)
-    recon = -model.likelihood.log_prob(x, model.decode(z * mask))
+    mask = jnp.ones(q.latent_dim, q.mean.dtype) if latent_mask is None else latent_mask.astype(q.mean.dtype)
+    z = q.sample(key) * mask
     p = model.prior()
-    kl_per_dim = gaussian.kl(q, p, per_dim=True) * mask
-    terms = gaussian.kl_terms(q, p, per_dim=True)
-    out = {"recon": recon, "kl_per_dim": kl_per_dim, "posterior_mean": q.mean * mask}
-    for name, term in zip(("kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim"), terms):
+    out = {"recon": -model.likelihood.log_prob(x, model.decode(z)),
+           "kl_per_dim": gaussian.kl(q, p, per_dim=True) * mask, "posterior_mean": q.mean * mask}
+    for name, term in zip(TERMS, gaussian.kl_terms(q, p, per_dim=True)):
         out[name] = jnp.sum(term * mask, -1)
         if name != "kl_dim":
             out[name + "_per_dim"] = term * mask
-    return out
+    return Parts(q, z, p, mask, out)
 
 
-def loss(model: VAE, x: jax.Array, key: jax.Array, step: jax.Array, beta: jax.Array,
-         obj: Objective, latent_mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """The objective (scalar, nats per example) and the batch-mean metrics the trainer logs."""
-    parts = per_example(model, x, key, latent_mask)
-    batch_mean = {k: v.mean(0) for k, v in parts.items() if k != "posterior_mean"}
-    kl_per_dim = batch_mean["kl_per_dim"]
-    kl = kl_per_dim.sum()
-    w, c = beta_weight(obj, step), capacity(obj, step)
-    reg = regularizer(obj, kl_per_dim, kl, c, latent_mask)
-    objective = batch_mean["recon"] + beta * w * reg
-    metrics = dict(batch_mean, loss=objective, neg_elbo=batch_mean["recon"] + kl, kl=kl,
-                   beta=jnp.asarray(beta, kl.dtype), beta_weight=w, capacity=c)
-    return objective, metrics
+def tc_parts(pt: Parts, dataset_size: int) -> dict[str, jax.Array]:
+    """β-TCVAE's split of the batch KL (means over the batch, stop-gradient), for logging; NaN
+    where it is undefined here (full-covariance posteriors or priors)."""
+    if not pt.q.is_diagonal or (pt.p is not None and not pt.p.is_diagonal):
+        return {k: jnp.float32(jnp.nan) for k in TC_PARTS}
+    sg = jax.lax.stop_gradient
+    pm, plv = (None, None) if pt.p is None else (sg(pt.p.mean), sg(pt.p.log_var))
+    d = estimators.tc_decomposition(sg(pt.z), sg(pt.q.mean), sg(pt.q.log_var), dataset_size,
+                                    estimator="mss", mask=pt.mask, prior_mean=pm, prior_log_var=plv)
+    return {k: d[k].mean() for k in TC_PARTS}
+
+
+def regularize(pt: Parts, step: jax.Array, hp: Mapping[str, jax.Array], static: Static,
+               key: jax.Array, aux: Any = None) -> regularizers.Output:
+    """The run's regularizer applied to a batch's parts."""
+    reg = regularizers.get(static.regularizer)
+    inp = regularizers.Inputs(pt.q, pt.z, pt.p, pt.mask, pt.per_example["kl_per_dim"],
+                              jnp.asarray(step), static.num_steps, static.dataset_size, key, aux)
+    return reg.fn(inp, hp, dict(static.settings))
+
+
+def objective(model: VAE, x: jax.Array, key: jax.Array, step: jax.Array,
+              hp: Mapping[str, jax.Array], static: Static, latent_mask: jax.Array | None = None,
+              aux: Any = None) -> tuple[jax.Array, tuple[dict, jax.Array]]:
+    """The training objective on a batch: (loss, (metrics, aux_loss)), all batch means.
+
+    ``loss`` is differentiable in the model's parameters (the auxiliary parameters enter it
+    stop-gradient), ``aux_loss`` in ``aux`` only.
+    """
+    k_z, k_reg = jax.random.split(key)
+    pt = parts(model, x, k_z, latent_mask)
+    mean = {k: v.mean(0) for k, v in pt.per_example.items() if k != "posterior_mean"}
+    out = regularize(pt, step, hp, static, k_reg, aux)
+    kl = mean["kl_per_dim"].sum()
+    loss = mean["recon"] + out.penalty
+    metrics = dict(mean, kl=kl, neg_elbo=mean["recon"] + kl, loss=loss, penalty=out.penalty,
+                   **tc_parts(pt, static.dataset_size), **out.metrics)
+    return loss, (metrics, jnp.asarray(out.aux_loss, jnp.float32))
+
+
+def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
+               hp: Mapping[str, jax.Array], static: Static, latent_mask: jax.Array | None,
+               to_inputs, batch_size: int, active_units_threshold: float,
+               aux: Any = None) -> dict[str, jax.Array]:
+    """Averages over all of ``images`` [N, ...] (uint8), nats per example.
+
+    The ELBO parts are per example, over every image; the regularizer's penalty, its metrics and
+    the β-TCVAE split are batch quantities, averaged over the ⌊N / batch_size⌋ full batches (the
+    remainder is left out of them only). One posterior sample per example, batch b using
+    fold_in(key, b) (a fixed ``key`` makes evaluations comparable across steps). Active units
+    (Burda et al. 2016): dimensions u with Var_x(E_q[z_u|x]) > threshold.
+
+    Args:
+      to_inputs: (key, uint8 batch) → model inputs (binarization).
+    """
+    from vaekl.train import batched_map  # pylint: disable=g-import-not-at-top
+
+    n = images.shape[0]
+    bs = min(batch_size, n)
+
+    def one(x_u8, i):
+        k_in, k_z, k_reg = jax.random.split(jax.random.fold_in(key, i), 3)
+        pt = parts(model, to_inputs(k_in, x_u8), k_z, latent_mask)
+        out = regularize(pt, step, hp, static, k_reg, aux)
+        batch = dict(penalty=out.penalty, **tc_parts(pt, static.dataset_size), **out.metrics)
+        per = dict(pt.per_example)
+        return per, jax.tree.map(lambda v: jnp.broadcast_to(v, (x_u8.shape[0], *jnp.shape(v))), batch)
+
+    per, batch = batched_map(one, images, bs)
+    full = (n // bs) * bs
+    means = {k: v.mean(0) for k, v in per.items() if k != "posterior_mean"}
+    batch_means = {k: v[:full].mean(0) for k, v in batch.items()}
+    mu = per["posterior_mean"]
+    au_variance = jnp.mean(jnp.square(mu - mu.mean(0)), 0)
+    kl = means["kl_per_dim"].sum()
+    return dict(means, **batch_means, kl=kl, neg_elbo=means["recon"] + kl,
+                loss=means["recon"] + batch_means["penalty"],
+                active_units=jnp.sum(au_variance > active_units_threshold), au_variance=au_variance)

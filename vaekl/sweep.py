@@ -1,14 +1,21 @@
-"""Sweep definitions: grids of config overrides, stable run names, run status, grouping.
+"""Sweep definitions: grids of config overrides, exact and safe run names, grouping.
 
 A sweep is written ``"beta=0.5,1,4 latent_dim=2,8 seed=0,1"``: the product of the listed
 values of each field, in the order given. Values are cast to the type of the field in the
-base config. Each point gets the readable, stable name ``beta=0.5,latent_dim=2,seed=0``.
+base config. Each point gets the readable, stable name ``beta=0.5,latent_dim=2,seed=0``:
+floats by their shortest round-tripping repr (``0.1234567`` and ``0.1234568`` differ; ``1``
+and ``1.0`` of a float field are one value, written ``1``), and every name is one safe path
+component (see :func:`run_name`). A grid with two points of one value, one name or one
+config is refused before anything is written (:func:`points`).
 """
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
+import hashlib
 import itertools
+import json
 import math
 import os
 import traceback
@@ -17,8 +24,16 @@ from typing import Any
 from absl import logging
 import ml_collections
 
-from vaekl import rundir
 from vaekl import config as config_lib
+from vaekl import runs
+
+# Run status and checkpoints: the run directory's business (kept here as aliases).
+status = runs.status
+latest_checkpoint = runs.latest_checkpoint
+
+NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._=,+-")
+VALUE_CHARS = NAME_CHARS - {"=", ","}  # '=' and ',' separate a name's fields
+MAX_NAME = 200  # bytes; longer names keep a readable prefix and add a hash
 
 
 def _cast(field: str, text: str, like: Any) -> Any:
@@ -46,6 +61,7 @@ def parse(spec: str, base: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """The grid of overrides that ``spec`` describes (one dict per point, product order).
 
     Tuple-valued fields take values separated by ';' (``encoder_hidden=(64,);(128,128)``).
+    A field listing one value twice (``beta=1,1.0``) is refused.
     """
     axes = []
     for item in spec.split():
@@ -57,21 +73,45 @@ def parse(spec: str, base: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         if any(field == f for f, _ in axes):
             raise ValueError(f"sweep: field {field!r} is given twice")
         sep = ";" if isinstance(base[field], tuple) else ","
-        axes.append((field, [_cast(field, v, base[field]) for v in values.split(sep)]))
+        texts = values.split(sep)
+        cast = [_cast(field, v, base[field]) for v in texts]
+        for i, j in itertools.combinations(range(len(cast)), 2):
+            if cast[i] == cast[j]:
+                raise ValueError(f"sweep: points {field}={texts[i]} and {field}={texts[j]} are the same "
+                                 f"run ({field}={_fmt(cast[i])}); list each value once")
+        axes.append((field, cast))
     return [dict(zip([f for f, _ in axes], point)) for point in itertools.product(*[v for _, v in axes])]
 
 
 def _fmt(value: Any) -> str:
+    """A value as written in a run name: exact, before escaping."""
     if isinstance(value, float):
-        return f"{value:g}"
+        text = repr(value)  # the shortest string that reads back as the same float
+        return text[:-2] if text.endswith(".0") else text
     if isinstance(value, tuple):
         return "-".join(_fmt(v) for v in value)
     return str(value)
 
 
+def _escape(text: str, allowed: frozenset[str]) -> str:
+    """Percent-encodes (UTF-8) every character outside ``allowed``, and '%' itself."""
+    return "".join(c if c in allowed else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
+
+
 def run_name(overrides: dict[str, Any]) -> str:
-    """``beta=4,latent_dim=8,seed=0``: the point's fields in sweep order (``base`` if none)."""
-    return ",".join(f"{k}={_fmt(v)}" for k, v in overrides.items()) or "base"
+    """``beta=4,latent_dim=8,seed=0``: the point's fields in sweep order (``base`` if none).
+
+    The name is one safe path component: characters outside ``[A-Za-z0-9._+-]`` in values
+    (and '=' or ',') are percent-encoded (``data_dir=/x/../y`` → ``data_dir=%2Fx%2F..%2Fy``),
+    a leading dot is encoded, and a name longer than MAX_NAME bytes keeps a readable prefix
+    followed by '+' and 16 hex digits of its SHA-256. Distinct points get distinct names.
+    """
+    name = ",".join(f"{k}={_escape(_fmt(v), VALUE_CHARS)}" for k, v in overrides.items()) or "base"
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    if len(name) > MAX_NAME:
+        name = f"{name[:MAX_NAME - 40]}+{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
 
 
 def apply(base: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -82,34 +122,45 @@ def apply(base: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_coll
     return config
 
 
-def status(workdir: str, config: ml_collections.ConfigDict) -> str:
-    """'done' (final checkpoint, metrics and images), 'partial' (resumable) or 'new'."""
-    latest = latest_checkpoint(workdir)
-    if latest is None:
-        return "new"
-    rows = rundir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
-    final = {r["split"] for r in rows if r["step"] == config.num_steps}
-    images = config.num_images == 0 or os.path.exists(os.path.join(workdir, "samples.png"))
-    if latest >= config.num_steps and final == {"train", "test"} and images:
-        return "done"
-    return "partial"
+def points(spec: str, base: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any], ml_collections.ConfigDict]]:
+    """(name, overrides, validated config) of every point of the grid; nothing is written.
+
+    Raises:
+      ValueError (one line): a bad spec or value, a point whose config is invalid, or two
+        points with one run name or identical configs.
+    """
+    out, by_name, by_config = [], {}, {}
+    for overrides in parse(spec, base):
+        name = run_name(overrides)
+        try:
+            config = apply(base, overrides)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"sweep point {name}: {e}") from None
+        key = json.dumps(config.to_dict(), sort_keys=True, default=repr)
+        for seen, what in ((by_name, name), (by_config, key)):
+            if what in seen:
+                problem = "one run directory" if seen is by_name else "identical configs"
+                raise ValueError(f"sweep: points {_describe(seen[what])} and {_describe(overrides)} "
+                                 f"give {problem} ({name}); list each point once")
+            seen[what] = overrides
+        out.append((name, overrides, config))
+    return out
 
 
-def latest_checkpoint(workdir: str) -> int | None:
-    """The step of the newest checkpoint in ``workdir`` (None if it has none)."""
-    ckpt = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-    return max(steps) if steps else None
+def _describe(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v!r}" for k, v in overrides.items()) or "base"
 
 
 def groups(configs: list[ml_collections.ConfigDict], max_size: int,
-           starts: list[int | None] | None = None) -> list[list[int]]:
+           starts: list[int | None] | None = None, multiple: int = 1) -> list[list[int]]:
     """Indices of runs that can share one vmapped program, in chunks of at most ``max_size``.
 
     Runs share a program when they differ only in β, k and seed and, if ``starts`` (their
     latest checkpoint steps) is given, resume from the same step: a partly trained run is
     never grouped with a new one (which would restart it). Within a chunk, runs are ordered
     by latent_dim so that padding to the largest k wastes little when a grid is split.
+    A split grid's chunks are multiples of ``multiple`` (the devices a program's run axis is
+    padded to) where ``max_size`` allows: 10 runs, at most 8, on 4 devices → 8 + 2.
     """
     from vaekl.train import group_key  # pylint: disable=g-import-not-at-top
 
@@ -122,6 +173,8 @@ def groups(configs: list[ml_collections.ConfigDict], max_size: int,
         members = sorted(members, key=lambda i: configs[i].latent_dim)
         n_chunks = math.ceil(len(members) / max_size)
         size = math.ceil(len(members) / n_chunks)
+        if n_chunks > 1:
+            size = min(max_size, math.ceil(size / multiple) * multiple)
         out += [members[j:j + size] for j in range(0, len(members), size)]
     return out
 
@@ -139,35 +192,71 @@ def bytes_per_run(config: ml_collections.ConfigDict, num_params: int, image_size
     return 4 * (4 * num_params + 2 * act)
 
 
-def fitting_group_size(configs: list[ml_collections.ConfigDict], ds) -> int:
-    """How many of these runs fit in half the device's free memory, by :func:`bytes_per_run`."""
+def fitting_group_size(configs: list[ml_collections.ConfigDict], ds, devices=None) -> int:
+    """How many of these runs fit in half the free memory of ``devices`` together (default:
+    this process's), by :func:`bytes_per_run`, after one copy of the images per device; a
+    multiple of the device count once at least that many fit (a program's run axis is padded
+    to one).
+
+    Devices with memory of their own (GPU, TPU) add up, every process's counted like this
+    one's; devices that share the host's memory (CPU) count it once.
+    """
     import jax  # pylint: disable=g-import-not-at-top
     from vaekl import train  # pylint: disable=g-import-not-at-top
 
+    devices = list(devices) if devices is not None else jax.local_devices()
     big = max(configs, key=lambda c: c.latent_dim)
     _, state, _ = train.create(big, ds.image_shape, ds.train_images)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     per_run = bytes_per_run(big, n_params, math.prod(ds.image_shape))
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    images = sum(getattr(a, "nbytes", 0) for a in (ds.train_images, ds.test_images))
+    local = [d for d in devices if d.process_index == jax.process_index()] or jax.local_devices()
+    stats = [d.memory_stats() or {} for d in local]
+    if all("bytes_limit" in s for s in stats):
+        free = len(devices) * (min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats) - images)
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, int(0.5 * free // per_run))
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") - len(local) * images
+    n = max(1, int(0.5 * free // per_run))
+    return n - n % len(devices) if n >= len(devices) else n
 
 
-def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0) -> list[str | None]:
-    """Trains runs as vmapped groups that fit the device (at most ``max_group`` runs each, if
+def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, devices: int = 0,
+               data_parallel: bool | None = None, distributed: bool | None = None, report: bool = False,
+               on_program: Callable[[list[int], dict, list[str | None]], None] | None = None) -> list:
+    """Trains runs as vmapped groups that fit the devices (at most ``max_group`` runs each, if
     > 0); for each run None, or the error that stopped it. Failures do not stop other runs.
 
+    Each group is one program on ``devices`` devices (0: every visible one), its runs sharded
+    over them, padded to a multiple of their count; a group with fewer runs than devices
+    shards its batch instead (``data_parallel``: :func:`vaekl.sharding.layout`).
+
+    With ``distributed`` (default: when this process is one of several tasks of a Slurm job
+    step), ``jax.distributed`` is initialised first, every process of the job makes this same
+    call, each program spans every process's devices, and each process trains and writes
+    only the runs its devices hold.
+
     Takes plain dicts so that Slurm tasks (submitit) can pickle the call.
+
+    Returns:
+      For each run, None or its error; with ``report``, a dict per run: "error", "written"
+      (whether this process trained it) and "program" (the placement's summary, or None).
+      ``on_program(run indices, summary, their errors)`` is called after each program.
     """
+    from vaekl import sharding  # pylint: disable=g-import-not-at-top
+
+    if distributed if distributed is not None else sharding.slurm_tasks() > 1:
+        sharding.initialize_distributed()
     import jax  # pylint: disable=g-import-not-at-top
     from vaekl import data, train  # pylint: disable=g-import-not-at-top
 
     configs = [ml_collections.ConfigDict(c) for c in configs]
     errors: list[str | None] = [None] * len(configs)
+    written, programs = [False] * len(configs), [None] * len(configs)
     starts = [latest_checkpoint(w) for w in workdirs]
+    if jax.process_count() > 1:  # every process plans from the first one's view
+        first_view = sharding.all_processes([-1 if s is None else s for s in starts])[0]
+        starts = [None if s < 0 else int(s) for s in first_view]
+    devs = sharding.devices(devices)
     for idx in groups(configs, max_size=len(configs), starts=starts):
         first = configs[idx[0]]
         try:
@@ -177,18 +266,36 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0) -> 
             for i in idx:
                 errors[i] = f"{type(e).__name__}: {e}"
             continue
-        limit = max_group or fitting_group_size([configs[i] for i in idx], ds)
-        for chunk in groups([configs[i] for i in idx], limit, [starts[i] for i in idx]):
+        limit = max_group or int(sharding.all_processes([fitting_group_size([configs[i] for i in idx], ds,
+                                                                            devs)]).min())
+        for chunk in groups([configs[i] for i in idx], limit, [starts[i] for i in idx], multiple=len(devs)):
             members = [idx[j] for j in chunk]
-            logging.info("training %d run(s) in one program: %s", len(members),
+            try:
+                placement = sharding.plan(len(members), devs, data_parallel=data_parallel,
+                                          batch_size=first.batch_size,
+                                          latent_dim=max(configs[i].latent_dim for i in members))
+            except ValueError as e:
+                for i in members:
+                    errors[i] = f"ValueError: {e}"
+                continue
+            mine = [members[j] for j in placement.local_runs]  # the runs this process writes
+            logging.info("training %s in one program: %s", placement.describe(),
                          ", ".join(os.path.basename(workdirs[i]) for i in members))
             try:
-                results = train.train_group([configs[i] for i in members], [workdirs[i] for i in members],
-                                            dataset=ds)
+                with sharding.use(placement):
+                    results = train.train_group([configs[i] for i in mine], [workdirs[i] for i in mine],
+                                                dataset=ds)
             except Exception as e:  # pylint: disable=broad-except
                 logging.error("group failed: %s", traceback.format_exc())
-                results = [e] * len(members)
-            for i, r in zip(members, results):
+                results = [e] * len(mine)
+            for i, r in zip(mine, results):
                 errors[i] = f"{type(r).__name__}: {r}" if isinstance(r, Exception) else None
+                written[i] = True
+            for i in members:
+                programs[i] = placement.summary()
+            if on_program is not None:
+                on_program(members, placement.summary(), [errors[i] for i in members])
             jax.clear_caches()
-    return errors
+    if not report:
+        return errors
+    return [{"error": e, "written": w, "program": p} for e, w, p in zip(errors, written, programs)]

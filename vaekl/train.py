@@ -27,15 +27,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vaekl import checkpoints, data, objectives, rundir
+from vaekl import checkpoints, data, objectives, regularizers, rundir, runs, sharding
+from vaekl import metrics as metrics_lib
 from vaekl import config as config_lib
 from vaekl.models import vae as vae_lib
-from vaekl.objectives import Objective
 
-SCALARS = ("loss", "neg_elbo", "recon", "kl", "kl_trace", "kl_mahalanobis",
-           "kl_log_det_ratio", "kl_dim", "beta", "beta_weight", "capacity")
-PER_DIM = ("kl_per_dim", "au_variance", "kl_trace_per_dim", "kl_mahalanobis_per_dim",
-           "kl_log_det_ratio_per_dim")  # lists of k numbers in metrics.jsonl
+# Per-run values of the optimizer (the objective's come from vaekl.regularizers.FIELDS).
+OPTIMIZER_PER_RUN = ("learning_rate",)
 
 
 class TrainState(NamedTuple):
@@ -44,38 +42,68 @@ class TrainState(NamedTuple):
     params: Any      # nested dict of arrays: the model's nnx.Param values
     opt_state: Any   # optax state over params
     step: jax.Array  # int32 scalar, steps taken
+    aux: Any = None            # the regularizer's auxiliary parameters (FactorVAE's discriminator)
+    aux_opt_state: Any = None  # optax state over aux
+
+
+class Optimizers(NamedTuple):
+    """Gradient transformations without the learning rate, which is a per-run value applied in
+    the step: update = −lr · tx(grad)."""
+
+    model: optax.GradientTransformation
+    aux: optax.GradientTransformation | None = None
 
 
 # ----------------------------------------------------------------------------------------
 # Construction.
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """'constant'; 'cosine' decay to 0 over num_steps; or 'iwae': Burda et al.'s 8 stages
-    of 3^i epochs (i = 0..7) with the rate 10^(−i/7) × learning_rate, the stage lengths
-    scaled to num_steps (exactly the paper's when num_steps is 3,280 epochs)."""
-    lr, n = config.learning_rate, config.num_steps
+def learning_rate_schedule(config: ml_collections.ConfigDict, peak: float = 1.0) -> optax.Schedule:
+    """The learning rate's shape over the run, scaled to ``peak`` (the trainer uses peak 1 and
+    multiplies by the per-run ``learning_rate``): 'constant'; 'cosine' decay to 0 over num_steps;
+    or 'iwae': Burda et al.'s 8 stages of 3^i epochs (i = 0..7) with the rate 10^(−i/7) × peak,
+    the stage lengths scaled to num_steps (exactly the paper's when num_steps is 3,280 epochs)."""
+    n = config.num_steps
     if config.lr_schedule == "constant":
-        return optax.constant_schedule(lr)
+        return optax.constant_schedule(peak)
     if config.lr_schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, n)
+        return optax.cosine_decay_schedule(peak, n)
     if config.lr_schedule == "iwae":
         ends = np.cumsum([3**i for i in range(8)]) / sum(3**i for i in range(8))
         boundaries = {int(round(e * n)): 10 ** (-1 / 7) for e in ends[:-1]}
-        return optax.piecewise_constant_schedule(lr, boundaries)
+        return optax.piecewise_constant_schedule(peak, boundaries)
     raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}")
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    return optax.adam(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
-                      eps=config.adam_eps)
+def make_optimizer(config: ml_collections.ConfigDict) -> Optimizers:
+    """Adam with the learning-rate schedule's shape; the per-run learning rates multiply it."""
+    model = optax.chain(optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+                        optax.scale_by_schedule(learning_rate_schedule(config)))
+    reg = regularizers.get(config.regularizer)
+    aux = reg.aux_optimizer(static_settings(config)) if reg.aux_optimizer else None
+    return Optimizers(model, aux)
+
+
+def static_settings(config: ml_collections.ConfigDict) -> dict:
+    return {k: config[k] for k in regularizers.static_fields()}
+
+
+def per_run_fields() -> tuple[str, ...]:
+    """The config fields whose values are arguments of the compiled program (may differ within
+    a vmapped group), derived from the objective's and the optimizer's declarations."""
+    return regularizers.per_run_fields() + OPTIMIZER_PER_RUN
+
+
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """{field: float32 scalar} for every per-run field."""
+    return {k: jnp.float32(config[k]) for k in per_run_fields()}
 
 
 def create(config: ml_collections.ConfigDict, image_shape, train_images: np.ndarray | None = None):
     """Builds the model and its initial state.
 
     Returns:
-      (graphdef, state, tx): the static nnx graph, the TrainState at step 0 and the optimizer.
+      (graphdef, state, tx): the static nnx graph, the TrainState at step 0 and the optimizers.
     """
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     model = vae_lib.make_vae(config, image_shape, key)
@@ -89,7 +117,13 @@ def create(config: ml_collections.ConfigDict, image_shape, train_images: np.ndar
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     tx = make_optimizer(config)
-    return graphdef, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)), tx
+    reg = regularizers.get(config.regularizer)
+    aux = aux_opt = None
+    if reg.init_aux is not None:
+        aux = reg.init_aux(jax.random.fold_in(jax.random.key(config.seed), 5), config.latent_dim,
+                           static_settings(config))
+        aux_opt = tx.aux.init(aux)
+    return graphdef, TrainState(params, tx.model.init(params), jnp.zeros((), jnp.int32), aux, aux_opt), tx
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,37 +131,66 @@ def create(config: ml_collections.ConfigDict, image_shape, train_images: np.ndar
 
 
 class StepConfig(NamedTuple):
-    """Static settings of the compiled training loop."""
+    """Static settings of the compiled training loop.
+
+    ``draw(key, arrays, batch_size) -> uint8 [B, H, W, C]`` draws a training batch from the
+    device-resident ``arrays`` (e.g. sampling an image array, or rendering dSprites).
+    """
 
     batch_size: int
     binarization: str
-    objective: Objective
+    objective: objectives.Static
+    draw: Callable = data.sample_batch
 
 
-def train_step(state: TrainState, images: jax.Array, beta: jax.Array, key: jax.Array,
-               latent_mask: jax.Array | None, *, graphdef, tx: optax.GradientTransformation,
-               cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a batch drawn on the device from uint8 ``images``."""
-    k_batch, k_bin, k_z = jax.random.split(jax.random.fold_in(key, state.step), 3)
-    x = data.binarize(k_bin, data.sample_batch(k_batch, images, cfg.batch_size), cfg.binarization)
+def _scaled(updates, lr):
+    return jax.tree.map(lambda u: -lr * u, updates)
 
-    def loss_fn(params):
+
+def train_step(state: TrainState, arrays, hp: dict, key: jax.Array, latent_mask: jax.Array | None,
+               *, graphdef, tx: Optimizers, cfg: StepConfig) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch drawn on the device from ``arrays``; returns the new state
+    and the step's scalar metrics."""
+    k_batch, k_bin, k_obj = jax.random.split(jax.random.fold_in(key, state.step), 3)
+    x = data.binarize(k_bin, cfg.draw(k_batch, arrays, cfg.batch_size), cfg.binarization)
+
+    def loss_fn(params, aux):
         model = nnx.merge(graphdef, params)
-        return objectives.loss(model, x, k_z, state.step, beta, cfg.objective, latent_mask)
+        loss, (metrics, aux_loss) = objectives.objective(model, x, k_obj, state.step, hp, cfg.objective,
+                                                         latent_mask, aux)
+        return loss + aux_loss, metrics  # aux_loss depends on aux only, loss on params only
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step_metrics = {k: metrics[k] for k in ("loss", "neg_elbo", "recon", "kl")}
-    return TrainState(params, opt_state, state.step + 1), step_metrics
+    grads, metrics = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.aux)
+    updates, opt_state = tx.model.update(grads[0], state.opt_state, state.params)
+    params = optax.apply_updates(state.params, _scaled(updates, hp["learning_rate"]))
+    aux, aux_opt_state = state.aux, state.aux_opt_state
+    if aux is not None:
+        lr = hp[regularizers.get(cfg.objective.regularizer).aux_lr_field]
+        aux_updates, aux_opt_state = tx.aux.update(grads[1], aux_opt_state, aux)
+        aux = optax.apply_updates(aux, _scaled(aux_updates, lr))
+    scalars = {k: v for k, v in metrics.items() if not metrics_lib.get(k).per_dim}
+    return TrainState(params, opt_state, state.step + 1, aux, aux_opt_state), scalars
 
 
-def run_steps(state: TrainState, images: jax.Array, beta: jax.Array, key: jax.Array,
-              latent_mask: jax.Array | None, *, num_steps: int, graphdef, tx, cfg: StepConfig):
-    """``num_steps`` training steps in one ``lax.scan``; returns (state, per-step metrics [n])."""
-    step = functools.partial(train_step, images=images, beta=beta, key=key, latent_mask=latent_mask,
+def run_steps(state: TrainState, arrays, hp: dict, key: jax.Array, latent_mask: jax.Array | None,
+              *, num_steps: int, graphdef, tx, cfg: StepConfig, unroll: bool = False):
+    """``num_steps`` training steps in one ``lax.scan`` (fully unrolled with ``unroll``); returns
+    (state, per-step metrics [n])."""
+    step = functools.partial(train_step, arrays=arrays, hp=hp, key=key, latent_mask=latent_mask,
                              graphdef=graphdef, tx=tx, cfg=cfg)
-    return jax.lax.scan(lambda s, _: step(s), state, None, length=num_steps)
+    return jax.lax.scan(lambda s, _: step(s), state, None, length=num_steps,
+                        unroll=num_steps if unroll else 1)
+
+
+def steps_per_call(config: ml_collections.ConfigDict) -> int:
+    """How many training steps one compiled call takes (0: a whole logging interval in one
+    rolled ``lax.scan``). ``config.steps_per_call = 0`` picks automatically: 8 fully unrolled
+    steps per call for conv models on the CPU, where XLA runs convolutions inside a while loop
+    ~10× slower than unrolled (measured on a 64×64 conv VAE, see benchmarks/bench_train.py);
+    otherwise 0."""
+    if config.steps_per_call:
+        return int(config.steps_per_call)
+    return 8 if config.model == "conv" and jax.default_backend() == "cpu" else 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,13 +199,21 @@ def run_steps(state: TrainState, images: jax.Array, beta: jax.Array, key: jax.Ar
 
 def batched_map(fn, x: jax.Array, batch_size: int):
     """``fn(batch, batch_index)`` over x [N, ...] in batches (the last one zero-padded), with
-    ``lax.map``; the per-example outputs concatenated back to [N, ...]."""
+    a ``lax.scan``; the per-example outputs concatenated back to [N, ...].
+
+    On the CPU, up to :data:`CPU_UNROLL_BATCHES` batches are unrolled: XLA:CPU runs
+    convolutions inside a while loop ~10× slower (see :func:`steps_per_call`)."""
     n = x.shape[0]
     bs = min(batch_size, n)
     nb = -(-n // bs)
     xp = jnp.concatenate([x, jnp.zeros((nb * bs - n, *x.shape[1:]), x.dtype)])
-    out = jax.lax.map(lambda a: fn(*a), (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)))
+    unroll = nb if jax.default_backend() == "cpu" and nb <= CPU_UNROLL_BATCHES else 1
+    _, out = jax.lax.scan(lambda c, a: (c, fn(*a)), None,
+                          (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)), unroll=unroll)
     return jax.tree.map(lambda a: a.reshape(nb * bs, *a.shape[2:])[:n], out)
+
+
+CPU_UNROLL_BATCHES = 16
 
 
 class EvalConfig(NamedTuple):
@@ -150,54 +221,40 @@ class EvalConfig(NamedTuple):
 
     batch_size: int
     binarization: str
-    objective: Objective
+    objective: objectives.Static
     active_units_threshold: float
 
 
-def evaluate(params, images: jax.Array, beta: jax.Array, step: jax.Array, key: jax.Array,
+def evaluate(state: TrainState, images: jax.Array, hp: dict, step: jax.Array, key: jax.Array,
              latent_mask: jax.Array | None, *, graphdef, cfg: EvalConfig) -> dict[str, jax.Array]:
-    """Averages over all of ``images`` [N, H, W, C] (uint8), in nats per example.
-
-    One posterior sample per example for the reconstruction term (a fixed ``key``, so that
-    evaluations are comparable across steps; dynamic binarization is likewise fixed). Active
-    units (Burda et al. 2016): dimensions u with Cov_x(E_q[z_u|x]) > threshold.
-    """
-    model = nnx.merge(graphdef, params)
-
-    def one_batch(x_u8, i):
-        k_bin, k_z = jax.random.split(jax.random.fold_in(key, i))
-        return objectives.per_example(model, data.binarize(k_bin, x_u8, cfg.binarization), k_z,
-                                      latent_mask)
-
-    per = batched_map(one_batch, images, cfg.batch_size)
-    means = {k: v.mean(0) for k, v in per.items() if k != "posterior_mean"}
-    mu = per["posterior_mean"]
-    au_variance = jnp.mean(jnp.square(mu - mu.mean(0)), 0)
-    kl = means["kl_per_dim"].sum()
-    obj = cfg.objective
-    w, c = objectives.beta_weight(obj, step), objectives.capacity(obj, step)
-    reg = objectives.regularizer(obj, means["kl_per_dim"], kl, c, latent_mask)
-    return dict(means, kl=kl, neg_elbo=means["recon"] + kl, loss=means["recon"] + beta * w * reg,
-                beta=jnp.asarray(beta, jnp.float32), beta_weight=w, capacity=c,
-                active_units=jnp.sum(au_variance > cfg.active_units_threshold),
-                au_variance=au_variance)
+    """Every metric averaged over ``images`` [N, H, W, C] (uint8), nats per example
+    (:func:`vaekl.objectives.evaluation`); binarization is drawn with a fixed key per batch."""
+    model = nnx.merge(graphdef, state.params)
+    to_inputs = lambda k, x: data.binarize(k, x, cfg.binarization)
+    return objectives.evaluation(model, images, key, step, hp, cfg.objective, latent_mask, to_inputs,
+                                 cfg.batch_size, cfg.active_units_threshold, state.aux)
 
 
 # ----------------------------------------------------------------------------------------
-# Groups of runs: one compiled program for many (β, k, seed), vmapped.
+# Groups of runs: one compiled program for many runs, vmapped.
 #
 # Members with different k share a program by padding every latent axis to the group's
 # largest k, K: a member starts from the parameters a standalone model with its own k
 # would have (same fan-in scaling), zero-padded at the end of each axis whose size depends
 # on k, and a 0/1 latent mask switches the padded dimensions off (no KL, no decoder input,
-# no metric, no gradient). A group of one is an ordinary run.
+# no metric, no gradient). Every per-run value (the objective's strengths, the learning rate,
+# keys, masks) is an argument of the program. A group of one is an ordinary run.
 
-GROUP_FIELDS = ("beta", "latent_dim", "seed")  # what may differ inside a group
+
+def group_fields() -> tuple[str, ...]:
+    """What may differ inside a group: the per-run values, the latent dimension and the seed."""
+    return per_run_fields() + ("latent_dim", "seed")
 
 
 def group_key(config: ml_collections.ConfigDict) -> str:
     """Runs with equal keys can share one compiled program."""
-    d = {k: v for k, v in config.to_dict().items() if k not in GROUP_FIELDS}
+    skip = set(group_fields())
+    d = {k: v for k, v in config.to_dict().items() if k not in skip}
     return repr(sorted(d.items()))
 
 
@@ -222,6 +279,7 @@ class Member:
         self.k = config.latent_dim
         self.graphdef, self.initial, _ = create(config, image_shape, train_images)
         self.log = rundir.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+        self.lock = runs.RunLock(workdir)
         self.mgr = None
         self.tb = None
         self.failure: str | None = None
@@ -236,18 +294,34 @@ class Member:
         self.tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
 
     def log_rows(self, rows: list[dict]) -> None:
+        """Appends rows to metrics.jsonl and TensorBoard (both derived from the declarations)."""
         self.log.append(rows)
         for row in rows:
-            for k in SCALARS + ("active_units",):
-                self.tb.add_scalar(f"{row['split']}/{k}", row[k], row["step"])
-            self.tb.add_histogram(f"{row['split']}/kl_per_dim", np.asarray(row["kl_per_dim"]), row["step"])
+            for tag, v in metrics_lib.tensorboard_scalars(row).items():
+                self.tb.add_scalar(tag, v, row["step"])
+            for tag, v in metrics_lib.tensorboard_histograms(row).items():
+                self.tb.add_histogram(tag, v, row["step"])
         self.tb.flush()
-        self.last_rows = {r["split"]: r for r in rows}
+        evals = {r["split"]: r for r in rows if r["split"] in EVAL_SPLITS}
+        if evals:
+            self.last_rows = evals
 
     def close(self) -> None:
-        self.mgr.wait_until_finished()
-        self.mgr.close()
-        self.tb.close()
+        """Waits for pending checkpoint writes and closes the files (idempotent)."""
+        mgr, tb, self.mgr, self.tb = self.mgr, self.tb, None, None
+        if mgr is not None:
+            mgr.wait_until_finished()
+            mgr.close()
+        if tb is not None:
+            tb.close()
+
+    def abort(self) -> None:
+        """Closes whatever is open after a failure, never raising (so nothing waits forever on
+        orbax's background threads)."""
+        try:
+            self.close()
+        except Exception as e:  # pylint: disable=broad-except
+            logging.warning("closing %s after a failure: %s", self.workdir, e)
 
 
 def _restore_start(members: list[Member]) -> int | None:
@@ -257,7 +331,7 @@ def _restore_start(members: list[Member]) -> int | None:
     members' saves, the group resumes from the earliest of them; members that got further
     drop their later checkpoints (their metrics are cut back below).
     """
-    latest = [m.mgr.latest_step() for m in members]
+    latest = [checkpoints.restore_latest_good(m.mgr, m.initial)[0] for m in members]
     if all(s is None for s in latest):
         return None
     if any(s is None for s in latest):
@@ -274,22 +348,47 @@ def _restore_start(members: list[Member]) -> int | None:
     return start
 
 
+EVAL_SPLITS = ("train", "test")
+TRAIN_CURVE_SPLIT = "train_batch"  # means of the training steps' metrics since the last log
+
+
 def _member_rows(step: int, evals: dict[str, dict], i: int, k: int) -> list[dict]:
-    rows = eval_rows(step, {split: jax.tree.map(lambda a: a[i], ev) for split, ev in evals.items()})
-    for r in rows:
-        for name in PER_DIM:
-            r[name] = r[name][:k]
-    return rows
+    return [metrics_lib.row(step, split, jax.tree.map(lambda a: a[i], ev), k)
+            for split, ev in evals.items()]
+
+
+def _stack_hyperparameters(configs) -> dict[str, jax.Array]:
+    """{field: float32 [runs]}: the per-run values, stacked along the run axis."""
+    per = [hyperparameters(c) for c in configs]
+    return {k: jnp.stack([h[k] for h in per]) for k in per[0]}
+
+
+def batch_source(ds: data.Dataset) -> tuple[Any, Callable]:
+    """(device arrays, draw) of the training batches: the dataset's own source when it has one
+    (e.g. dSprites rendered on the device), else uniform draws from its uint8 training images."""
+    if hasattr(ds, "batch_source"):
+        return ds.batch_source()
+    return ds.train_images, data.sample_batch
+
+
+def dataset_size(ds: data.Dataset) -> int:
+    """N, the training-set size (β-TCVAE's estimators weight by it)."""
+    return int(getattr(ds, "train_size", ds.train_images.shape[0]))
 
 
 def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
                 dataset: data.Dataset | None = None) -> list[list[dict] | Exception]:
-    """Trains runs that differ only in β, latent_dim and seed together, in one vmapped program.
+    """Trains runs that differ only in per-run values (:func:`group_fields`) together, in one
+    vmapped program.
 
     Each run writes its own directory exactly as :func:`train_and_evaluate` does, and
     resumes from its checkpoints. Bad config values and missing datasets fail before any
     directory is written. A run whose loss turns non-finite is stopped (its last good
     checkpoint kept) without stopping the others.
+
+    metrics.jsonl gets evaluation rows (splits 'train' and 'test') every ``eval_every`` steps
+    and training-curve rows (split 'train_batch': the means of the steps' batch metrics since
+    the previous log) every ``log_every`` steps.
 
     Args:
       configs, workdirs: the runs.
@@ -300,51 +399,123 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     for c in configs:
         config_lib.validate(c)
     if len({group_key(c) for c in configs}) != 1:
-        raise ValueError(f"a group's runs may differ only in {GROUP_FIELDS}")
+        raise ValueError(f"a group's runs may differ only in {group_fields()}")
     config = configs[0]
     ds = dataset or data.load(config.dataset, config.data_dir or None,
                               test_fraction=config.test_fraction, seed=config.data_seed)
-    train_np, test_np = prepare_images(config, ds)
-    members = [Member(c, w, ds.image_shape, train_np) for c, w in zip(configs, workdirs)]
+    if ds.train_images.shape[0] == 0 or ds.test_images.shape[0] == 0:
+        raise ValueError(f"dataset {config.dataset!r} has {ds.train_images.shape[0]} training and "
+                         f"{ds.test_images.shape[0]} test images; both must be > 0")
+    members = [Member(c, w, ds.image_shape, ds.train_images) for c, w in zip(configs, workdirs)]
     big = config.copy_and_resolve_references()
     big.unlock()
     big.latent_dim = max(m.k for m in members)
-    graphdef, template, tx = create(big, ds.image_shape, train_np)
 
     for m in members:  # every check before the first directory is written
         rundir.check_config(m.workdir, m.config.to_dict())
-    for m in members:
-        m.open()
-    start = _restore_start(members)
+        _check_extension(m.workdir, m.config)
+    try:
+        for m in members:  # one writer per run directory (RunLocked names the holder)
+            os.makedirs(m.workdir, exist_ok=True)
+            m.lock.acquire()
+        meta = {"image_shape": list(ds.image_shape), "train_size": dataset_size(ds), **runs.provenance()}
+        for m in members:
+            m.open()
+            runs.write_meta(m.workdir, meta)
+        return _train_opened(members, config, ds, big)
+    finally:
+        for m in members:
+            m.abort()
+            m.lock.release()
+
+
+def _check_extension(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses to change num_steps of a run whose schedules depend on it."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    old = runs.read_config(workdir)
+    if old.num_steps == config.num_steps:
+        return
+    depends = [f"lr_schedule={config.lr_schedule!r}"] * (config.lr_schedule in ("cosine", "iwae"))
+    depends += [f"beta_schedule={config.beta_schedule!r}"] * (
+        config.regularizer in ("kl", "free_bits") and config.beta_schedule == "cyclical")
+    if depends and runs.latest_checkpoint(workdir) is not None:
+        raise ValueError(f"{workdir}: num_steps {old.num_steps} → {config.num_steps} would change the "
+                         f"schedule of a started run ({', '.join(depends)} depends on num_steps); "
+                         f"train a new run instead")
+
+
+def _placement(members: list[Member], config, big) -> sharding.Placement:
+    """Where the group runs: the placement its planner set (:func:`vaekl.sharding.use`; its
+    ``local_runs`` are ``members``, in order), else all of this process's devices, sharding
+    the batch when there are fewer runs than devices. Raises ``big.latent_dim`` to the whole
+    group's largest k when the group spans processes."""
+    placement = sharding.current() or sharding.plan(len(members), batch_size=config.batch_size)
+    if len(placement.local_runs) != len(members):
+        raise ValueError(f"the placement gives this process {len(placement.local_runs)} run(s) of the "
+                         f"group; it has {len(members)}")
+    big.latent_dim = max(big.latent_dim, placement.latent_dim)
+    logging.info("program: %s", placement.describe())
+    return placement
+
+
+def _agree_start(members: list[Member], start: int | None, placement: sharding.Placement) -> int | None:
+    """The step every process of the group resumes from: the earliest of their starts
+    (members beyond it drop their later checkpoints, as in :func:`_restore_start`)."""
+    if placement.processes == 1:
+        return start
+    starts = sharding.all_processes([-1 if start is None else start])[:, 0]
+    if (starts < 0).any() and (starts >= 0).any():
+        raise ValueError(f"a group's processes mix new and partly trained runs (starts {starts.tolist()})")
+    agreed = None if starts[0] < 0 else int(starts.min())
+    if agreed is not None and agreed != start:
+        for m in members:
+            if agreed not in m.mgr.all_steps():
+                raise ValueError(f"cannot resume {m.workdir} at step {agreed} with its group (it has "
+                                 f"checkpoints {m.mgr.all_steps()}); run it on its own")
+            for s in [s for s in m.mgr.all_steps() if s > agreed]:
+                m.mgr.delete(s)
+    return agreed
+
+
+def _train_opened(members: list[Member], config, ds, big) -> list[list[dict] | Exception]:
+    """The body of :func:`train_group` once every member's directory is open and locked."""
+    train_np, test_np = ds.train_images, ds.test_images
+    placement = _placement(members, config, big)
+    graphdef, template, tx = create(big, ds.image_shape, train_np)
+    start = _agree_start(members, _restore_start(members), placement)
     member_states = []
     for m in members:
         state = m.initial if start is None else checkpoints.restore(m.mgr, start, m.initial)
         m.log.truncate(-1 if start is None else start)
         member_states.append(pad_like(state, template))
-    state = jax.tree.map(lambda *a: jnp.stack(a), *member_states)
+    state = placement.put_runs(jax.tree.map(lambda *a: np.stack(a), *member_states))
     if start is not None:
         logging.info("resuming %d run(s) from step %d", len(members), start)
 
-    fns = compile_fns(config, graphdef, tx, vmapped=True)
-    images = jax.device_put(train_np)
-    evals_on = {"train": jax.device_put(train_np[: config.num_eval_train]),
-                "test": jax.device_put(test_np)}
-    betas = jnp.asarray([m.config.beta for m in members], jnp.float32)
-    masks = jnp.asarray([np.arange(big.latent_dim) < m.k for m in members], jnp.float32)
+    arrays, draw = batch_source(ds)
+    fns = compile_fns(config, graphdef, tx, vmapped=True, draw=draw, dataset_size=dataset_size(ds),
+                      placement=placement)
+    arrays = placement.replicate(arrays)
+    evals_on = {"train": placement.replicate(train_np[: config.num_eval_train]),
+                "test": placement.replicate(test_np)}
+    hp = placement.put_runs(_stack_hyperparameters([m.config for m in members]))
+    masks = placement.put_runs(np.asarray([np.arange(big.latent_dim) < m.k for m in members], np.float32))
     seeds = [jax.random.key(m.config.seed) for m in members]
-    train_keys = jnp.stack([jax.random.fold_in(k, 2) for k in seeds])
-    eval_keys = jnp.stack([jax.random.fold_in(k, 3) for k in seeds])
+    train_keys = placement.put_runs(jnp.stack([jax.random.fold_in(k, 2) for k in seeds]))
+    eval_keys = placement.put_runs(jnp.stack([jax.random.fold_in(k, 3) for k in seeds]))
     live = lambda: [(i, m) for i, m in enumerate(members) if m.failure is None]
 
     def eval_and_log(step: int) -> None:
-        evals = {split: fns.evaluate(state.params, imgs, betas, jnp.int32(step), eval_keys, masks)
+        evals = {split: fns.evaluate(state, imgs, hp, jnp.int32(step), eval_keys, masks)
                  for split, imgs in evals_on.items()}
-        evals = jax.device_get(evals)
+        evals = placement.to_host(evals)
         for i, m in live():
             m.log_rows(_member_rows(step, evals, i, m.k))
 
     def save(step: int, evaluated: bool) -> None:
-        host = jax.device_get(state)
+        host = placement.to_host(state)
         for i, m in live():
             own = slice_like(jax.tree.map(lambda a: a[i], host), m.initial)
             checkpoints.save(m.mgr, step, own, m.last_rows["test"]["neg_elbo"] if evaluated else None)
@@ -354,9 +525,22 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
         eval_and_log(0)
         save(0, evaluated=True)
     t_start, step_start = time.perf_counter(), step
+    curve: list[dict] = []  # per-chunk step metrics since the last training-curve row
+    per_call = steps_per_call(config)
+
+    def advance(state, n):
+        """n steps, in calls of ``per_call`` steps (or one); metrics name → [members, n]."""
+        sizes = [n] if not per_call else [per_call] * (n // per_call) + [n % per_call] * bool(n % per_call)
+        chunks = []
+        for size in sizes:
+            state, m = fns.run_steps(state, arrays, hp, train_keys, masks, num_steps=size)
+            chunks.append(m)
+        chunks = placement.to_host(chunks)
+        return state, {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
+
     for stop in _boundaries(config, step):
-        state, metrics = fns.run_steps(state, images, betas, train_keys, masks, num_steps=stop - step)
-        losses = np.asarray(metrics["loss"])  # [members, steps]
+        state, metrics = advance(state, stop - step)  # name → [members, steps]
+        losses = np.asarray(metrics["loss"])
         for i, m in live():
             if not np.all(np.isfinite(losses[i])):
                 bad = step + 1 + int(np.argmin(np.isfinite(losses[i])))
@@ -364,9 +548,16 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
                 m.failure = (f"non-finite loss at step {bad} of {m.workdir}; the last good checkpoint "
                              f"is step {m.mgr.latest_step()}. Lower learning_rate or check the data.")
                 logging.error("%s", m.failure)
-        if not live():
+        if not placement.any_process(bool(live())):  # processes of one program stop together
             break
         step = stop
+        curve.append(metrics)
+        if step % config.log_every == 0 or step == config.num_steps:
+            steps = {k: np.concatenate([c[k] for c in curve], axis=1) for k in curve[0]}
+            for i, m in live():
+                m.log_rows([metrics_lib.row(step, TRAIN_CURVE_SPLIT,
+                                            {k: np.mean(v[i]) for k, v in steps.items()})])
+            curve = []
         rate = (step - step_start) / (time.perf_counter() - t_start)
         alive = [i for i, _ in live()]
         logging.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s%s  ETA %s",
@@ -382,14 +573,15 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
             save(step, evaluated)
 
     results: list[list[dict] | Exception] = []
-    host_params = jax.device_get(state.params)
+    host_params = placement.to_host(state.params)
     for i, m in enumerate(members):
         m.close()
         if m.failure is not None:
             results.append(FloatingPointError(m.failure))
             continue
         if m.last_rows is None:  # resumed a finished run: read its final rows back
-            m.last_rows = {r["split"]: r for r in m.log.read() if r["step"] == config.num_steps}
+            m.last_rows = {r["split"]: r for r in m.log.read()
+                           if r["step"] == config.num_steps and r["split"] in EVAL_SPLITS}
         params = slice_like(jax.tree.map(lambda a: a[i], host_params), m.initial.params)
         write_images(m.config, m.workdir, m.graphdef, params, test_np)
         results.append(list(m.last_rows.values()))
@@ -414,15 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> list[
 
 def eval_rows(step: int, evals: dict[str, dict]) -> list[dict]:
     """metrics.jsonl rows (one per split) from one run's evaluation results."""
-    rows = []
-    for split, m in evals.items():
-        row = {"step": int(step), "split": split}
-        row.update({k: float(m[k]) for k in SCALARS})
-        row["active_units"] = int(m["active_units"])
-        for k in PER_DIM:
-            row[k] = [float(v) for v in m[k]]
-        rows.append(row)
-    return rows
+    return [metrics_lib.row(step, split, m) for split, m in evals.items()]
 
 
 def _boundaries(config: ml_collections.ConfigDict, start: int) -> list[int]:
@@ -438,29 +622,67 @@ def _format_eta(seconds: float) -> str:
 
 
 class Compiled(NamedTuple):
-    """The jitted functions of a group: (state, images, β, key, mask) → …"""
+    """The jitted functions of a group: (state, data, hp, key, mask) → …"""
 
     run_steps: Callable  # also takes num_steps (static)
     evaluate: Callable
 
 
-def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool = True) -> Compiled:
-    """jit(vmap(...)) of run_steps and evaluate over the members' state, β, keys and masks."""
-    obj = Objective.from_config(config)
-    mode = "none" if config.binarization == "static" else config.binarization  # static is done on host
-    step_cfg = StepConfig(config.batch_size, mode, obj)
-    ev = functools.partial(evaluate, graphdef=graphdef, cfg=EvalConfig(
-        config.eval_batch_size, mode, obj, config.active_units_threshold))
+def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool = True,
+                draw: Callable = data.sample_batch, dataset_size: int | None = None,
+                placement: sharding.Placement | None = None) -> Compiled:
+    """jit(vmap(...)) of run_steps and evaluate over the members' state, per-run values ``hp``,
+    keys and masks; the training data and the images to evaluate are shared.
 
-    def steps(state, images, beta, key, latent_mask, num_steps):
-        fn = functools.partial(run_steps, num_steps=num_steps, graphdef=graphdef, tx=tx, cfg=step_cfg)
+    ``dataset_size`` defaults to the leading size of the training arrays. With a
+    ``placement`` (vmapped only), the per-run arguments (placed by ``placement.put_runs``) and
+    results are sharded along the run axis over its mesh (``placement.padded`` runs), the data
+    and images (placed by ``placement.replicate``) replicated, and the training batch sharded
+    over the mesh's data axis when it has more than one device (:mod:`vaekl.sharding`);
+    evaluate's ``step`` may then be any integer.
+    """
+    if placement is not None and not vmapped:
+        raise ValueError("compile_fns: a placement shards the run axis of a vmapped group")
+    if placement is not None and placement.data_axis > 1:
+        draw = sharding.shard_batch(draw, placement.batch_sharding)
+    spmd = sharding.RUNS if placement is not None else None
+
+    def static(arrays):
+        n = dataset_size if dataset_size is not None else jax.tree.leaves(arrays)[0].shape[0]
+        return objectives.Static.from_config(config, n)
+
+    unroll = steps_per_call(config) > 0
+
+    def steps(state, arrays, hp, key, latent_mask, num_steps):
+        cfg = StepConfig(config.batch_size, config.binarization, static(arrays), draw)
+        fn = functools.partial(run_steps, num_steps=num_steps, graphdef=graphdef, tx=tx, cfg=cfg,
+                               unroll=unroll)
         if vmapped:
-            fn = jax.vmap(fn, in_axes=(0, None, 0, 0, 0))
-        return fn(state, images, beta, key, latent_mask)
+            fn = jax.vmap(fn, in_axes=(0, None, 0, 0, 0), spmd_axis_name=spmd)
+        return fn(state, arrays, hp, key, latent_mask)
 
-    if vmapped:
-        ev = jax.vmap(ev, in_axes=(0, None, 0, None, 0, 0))
-    return Compiled(jax.jit(steps, static_argnames="num_steps", donate_argnums=0), jax.jit(ev))
+    n_eval = dataset_size
+
+    def ev(state, images, hp, step, key, latent_mask):
+        cfg = EvalConfig(config.eval_batch_size, config.binarization,
+                         objectives.Static.from_config(config, n_eval or images.shape[0]),
+                         config.active_units_threshold)
+        fn = functools.partial(evaluate, graphdef=graphdef, cfg=cfg)
+        if vmapped:
+            fn = jax.vmap(fn, in_axes=(0, None, 0, None, 0, 0), spmd_axis_name=spmd)
+        return fn(state, images, hp, step, key, latent_mask)
+
+    if placement is None:
+        return Compiled(jax.jit(steps, static_argnames="num_steps", donate_argnums=0), jax.jit(ev))
+    # The inputs come placed (Placement.put_runs, .replicate); the outputs stay on the run axis.
+    steps_jit = jax.jit(steps, static_argnames="num_steps", donate_argnums=0,
+                        out_shardings=placement.runs_sharding)
+    ev_jit = jax.jit(ev, out_shardings=placement.runs_sharding)
+
+    def ev_placed(state, images, hp, step, key, latent_mask):
+        return ev_jit(state, images, hp, placement.replicate(np.asarray(step, np.int32)), key, latent_mask)
+
+    return Compiled(steps_jit, ev_placed)
 
 
 def prepare_images(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
