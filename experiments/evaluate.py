@@ -4,6 +4,7 @@ r"""Evaluates a run (or every run of a sweep): IWAE test NLL, ELBO, KL analysis 
     python -m experiments.evaluate --workdir=SWEEP_DIR      # each run directory inside
 """
 
+import json
 import os
 import time
 
@@ -24,6 +25,8 @@ _DRAWS = flags.DEFINE_integer("num_draws", 10, "z draws per example for the KL d
 _DIS = flags.DEFINE_bool("disentanglement", True, "Disentanglement metrics on datasets with factors.")
 _DCI = flags.DEFINE_enum("dci_model", "random_forest", ["random_forest", "gbt"],
                          "DCI's importance model (gbt: disentanglement_lib's, much slower).")
+_OPTIONS = flags.DEFINE_string("metric_options", "", "JSON {metric: {argument: value}} overriding the "
+                                "disentanglement metrics' defaults (e.g. smaller sample sizes).")
 _SKIP = flags.DEFINE_bool("skip_done", False, "Skip runs that already have an eval.json.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -56,7 +59,8 @@ def main(argv):
     for i, run in enumerate(todo):
         r = evaluate.evaluate_run(run, _K.value, _CHUNK.value, _BATCH.value, _WHICH.value,
                                   num_draws=_DRAWS.value, disentanglement=_DIS.value,
-                                  dci_model=_DCI.value)
+                                  dci_model=_DCI.value,
+                                  metric_options=json.loads(_OPTIONS.value) if _OPTIONS.value else None)
         elapsed = time.perf_counter() - start
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
         logging.info("%s (step %d): NLL %.3f ± %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + TC %.3f + "
