@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The unit tests only: no training runs, launchers, subprocesses or Slurm.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow"
+
 demo: $(STAMP)
 	$(PY) -m launch.sweep --config=experiments/configs/digits_mlp.py --backend=vmap --workdir=runs/demo
 	$(PY) -m experiments.report --workdir=runs/demo
@@ -26,6 +30,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kl.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_regularizers.py
+	$(PY) benchmarks/bench_disentanglement.py --skip-gbt
 
 clean:
 	rm -rf $(VENV) runs
