@@ -224,7 +224,9 @@ def load(
     if name in ("idx", "npz"):
         if data_dir is None:
             raise ValueError(f"{name} dataset: data_dir must give the "
-                             f"{'directory of IDX files' if name == 'idx' else '.npz file'}.")
+                             f"{'directory of IDX files' if name == 'idx' else '.npz file'} "
+                             f"(--config.data_dir=PATH; the MNIST reproduction configs also read "
+                             f"$VAEKL_MNIST_NPZ).")
         return _load_idx(data_dir) if name == "idx" else _load_npz(data_dir)
     if name in dsprites.VARIANTS:
         return ground_truth_dataset(name, dsprites.DSprites(name), seed)

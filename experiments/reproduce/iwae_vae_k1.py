@@ -9,26 +9,23 @@ code: batch 20, 3,280 epochs in 8 stages of 3^i epochs (i = 0..7) with the learn
     python -m experiments.train --config=experiments/reproduce/iwae_vae_k1.py --workdir=runs/iwae_vae
     python -m experiments.evaluate --workdir=runs/iwae_vae --num_samples=5000
 
-Data: by default ../shared/data/mnist_partial.npz (the first 24,345 MNIST training images
+Data: the .npz from $VAEKL_MNIST_NPZ or --config.data_dir (e.g. shared/data/mnist_partial.npz (the first 24,345 MNIST training images
 and the full test set); with the full MNIST prepared for TFDS use
 ``--config.dataset=mnist --config.data_dir=DIR``. num_steps is 3,280 epochs of the training
 set at batch 20 (3,991,020 steps for 24,345 images; 9,840,000 for 60,000): pass
 ``--config.num_steps`` accordingly, or fewer to shorten the schedule (its stages scale).
 """
 
-import os
-
+from experiments.reproduce import paths
 from vaekl import config as config_lib
 
-_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data",
-                    "mnist_partial.npz")
 EPOCHS = 3280
 
 
 def get_config():
     c = config_lib.defaults()
     c.dataset = "npz"
-    c.data_dir = os.path.normpath(_NPZ)
+    c.data_dir = paths.mnist_npz()  # $VAEKL_MNIST_NPZ or --config.data_dir
     c.binarization = "dynamic"
     c.model = "mlp"
     c.encoder_hidden = (200, 200)

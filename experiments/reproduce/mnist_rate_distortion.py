@@ -4,22 +4,19 @@ r"""Rate–distortion under β (Alemi et al. 2018, "Fixing a Broken ELBO"): a β
         --backend=vmap --workdir=runs/rate_distortion
     python -m experiments.reproduce.summarize --workdir=runs/rate_distortion --kind=rate_distortion
 
-The Flax example's MLP (784-500-k relu, k = 32), dynamically binarized MNIST (by default the
-24,345-image subset in ../shared/data; ``--config.dataset=mnist --config.data_dir=DIR`` for
+The Flax example's MLP (784-500-k relu, k = 32), dynamically binarized MNIST (the 24,345-image
+subset from $VAEKL_MNIST_NPZ or --config.data_dir=PATH; ``--config.dataset=mnist --config.data_dir=DIR`` for
 the full set), one program for the whole β grid.
 """
 
-import os
-
+from experiments.reproduce import paths
 from vaekl import config as config_lib
 
-MNIST_NPZ = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared",
-                                          "data", "mnist_partial.npz"))
 
 
 def get_config():
     c = config_lib.defaults()
-    c.dataset, c.data_dir, c.binarization = "npz", MNIST_NPZ, "dynamic"
+    c.dataset, c.data_dir, c.binarization = "npz", paths.mnist_npz(), "dynamic"  # or --config.data_dir
     c.model, c.encoder_hidden, c.decoder_hidden, c.activation = "mlp", (500,), (500,), "relu"
     c.latent_dim, c.likelihood, c.output_bias_from_data = 32, "bernoulli", True
     c.batch_size, c.learning_rate = 100, 1e-3
