@@ -7,8 +7,11 @@ Reads (each optional; missing ones are reported and left out):
   runs/linear_vae/results.json                 linear VAE vs pPCA theory
   runs/rate_distortion/                        β sweep on MNIST
   runs/collapse_mnist/, runs/collapse_fashion/ k sweeps at β = 1
+  runs/locatello_cpu/<method>/<run>/           Locatello et al.'s study, CPU-sized (--locatello_runs)
 and writes OUT/<name>.json and OUT/<name>.png for each, OUT/table.md, and the table into
 README.md between the reproduction markers, so the README's numbers come from files.
+A result whose runs are absent, or that --only leaves out, keeps its row from the existing
+OUT/<name>.json; ``--only=locatello`` recomputes only the Locatello study.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from experiments.reproduce import locatello_summary
 from vaekl import analysis
 
 _RUNS = flags.DEFINE_string("runs", "runs", "Directory holding the reproduction runs.")
 _OUT = flags.DEFINE_string("out", "docs/reproductions", "Where results and figures go.")
 _README = flags.DEFINE_string("readme", "README.md", "README to update ('' to skip).")
+_ONLY = flags.DEFINE_list("only", [], "Results to recompute (iwae, linear, rd, collapse, terms, "
+                          "locatello); the others are read from OUT/<name>.json. Default: all.")
+_LOCATELLO = flags.DEFINE_string("locatello_runs", None, "The Locatello study's runs "
+                                 "(default: RUNS/locatello_cpu).")
 
 START, END = "<!-- reproductions:start -->", "<!-- reproductions:end -->"
 
@@ -223,17 +231,37 @@ def table(results: dict) -> str:
                     f"log-det dominates | collapsed cancel: {r['collapsed_terms_cancel']}; active log-det "
                     f"dominates: {r['active_log_det_dominates']} ({r['run']}) | "
                     f"`experiments.reproduce.summarize` | MNIST subset | (from the k sweep) | see kl_terms.png |")
+    if results.get("locatello"):
+        rows.append(locatello_summary.readme_row(results["locatello"]))
     return "\n".join(rows)
+
+
+def collect(runs: str, out: str, only: list[str] | None = None, locatello_runs: str | None = None
+            ) -> dict[str, dict | None]:
+    """Each result, recomputed from its runs when ``only`` names it (or is empty) and its runs
+    are there, else read back from OUT/<name>.json (None if neither)."""
+    makers = {"iwae": ("iwae_vae", lambda: iwae(runs, out)), "linear": ("linear_vae", lambda: linear(runs, out)),
+              "rd": ("rate_distortion", lambda: rate_distortion(runs, out)),
+              "collapse": ("collapse_vs_k", lambda: collapse(runs, out)),
+              "terms": ("kl_terms", lambda: kl_terms(runs, out)),
+              "locatello": (locatello_summary.NAME, lambda: locatello_summary.summarize(
+                  locatello_runs or os.path.join(runs, "locatello_cpu"), out))}
+    unknown = sorted(set(only or ()) - set(makers))
+    if unknown:
+        raise ValueError(f"--only: unknown results {unknown}; choose from {sorted(makers)}")
+    results = {}
+    for name, (file, make) in makers.items():
+        fresh = make() if not only or name in only else None
+        results[name] = fresh if fresh is not None else (analysis.read_json(os.path.join(out, f"{file}.json")) or None)
+        print(f"{name}: " + ("recomputed" if fresh is not None else
+                             f"kept from {file}.json" if results[name] else "missing (not run)"))
+    return results
 
 
 def main(argv):
     del argv
     os.makedirs(_OUT.value, exist_ok=True)
-    results = {"iwae": iwae(_RUNS.value, _OUT.value), "linear": linear(_RUNS.value, _OUT.value),
-               "rd": rate_distortion(_RUNS.value, _OUT.value), "collapse": collapse(_RUNS.value, _OUT.value),
-               "terms": kl_terms(_RUNS.value, _OUT.value)}
-    for k, v in results.items():
-        print(f"{k}: {'ok' if v else 'missing (not run)'}")
+    results = collect(_RUNS.value, _OUT.value, _ONLY.value, _LOCATELLO.value)
     md = table(results)
     with open(os.path.join(_OUT.value, "table.md"), "w") as f:
         f.write(md + "\n")
