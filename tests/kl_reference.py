@@ -71,3 +71,51 @@ def kl_chain_rule_np(mq, lq, mp, lp) -> np.ndarray:
         mean_sq = c**2 + b @ sq[:i, :i] @ b
         out.append(0.5 * (vq / vp - 1 - np.log(vq / vp) + mean_sq / vp))
     return np.array(out)
+
+
+def _mp_matrices(mq, lq, mp, lp):
+    """float64 NumPy inputs as exact mpmath vectors and (tril) matrices."""
+    mq, lq, mp, lp = (np.asarray(a, np.float64) for a in (mq, lq, mp, lp))
+    vec = lambda v: mpmath.matrix([mpmath.mpf(float(t)) for t in v])
+    mat = lambda l: mpmath.matrix([[mpmath.mpf(float(l[i, j])) if j <= i else 0
+                                    for j in range(l.shape[1])] for i in range(l.shape[0])])
+    return vec(mq), mat(lq), vec(mp), mat(lp)
+
+
+def kl_full_mp(mq, lq, mp, lp, dps: int = 60) -> float:
+    """KL(N(mq, lq lqᵀ) || N(mp, lp lpᵀ)) for one example in arbitrary precision (naive formula).
+
+    The inputs are read exactly (float32 values convert to float64 without rounding), so at
+    60 digits the cancellation of the textbook formula near q = p is harmless.
+    """
+    with mpmath.workdps(dps):
+        mq, lq, mp, lp = _mp_matrices(mq, lq, mp, lp)
+        sq, sp = lq * lq.T, lp * lp.T
+        sp_inv = mpmath.inverse(sp)
+        dm = mp - mq
+        k = sq.rows
+        trace = sum((sp_inv * sq)[i, i] for i in range(k))
+        maha = (dm.T * sp_inv * dm)[0, 0]
+        return float((trace + maha - k + mpmath.log(mpmath.det(sp)) - mpmath.log(mpmath.det(sq))) / 2)
+
+
+def kl_chain_rule_mp(mq, lq, mp, lp, dps: int = 60) -> np.ndarray:
+    """[k] chain-rule per-dimension KLs (as :func:`kl_chain_rule_np`) in arbitrary precision."""
+    with mpmath.workdps(dps):
+        mq, lq, mp, lp = _mp_matrices(mq, lq, mp, lp)
+        sq, sp = lq * lq.T, lp * lp.T
+        out = []
+        for i in range(sq.rows):
+            if i == 0:
+                vq, vp, c, mean_sq = sq[0, 0], sp[0, 0], mq[0] - mp[0], 0
+            else:
+                sub = lambda s: s[:i, :i]
+                col = lambda s: s[:i, i]
+                bq, bp = mpmath.lu_solve(sub(sq), col(sq)), mpmath.lu_solve(sub(sp), col(sp))
+                vq = sq[i, i] - (col(sq).T * bq)[0, 0]
+                vp = sp[i, i] - (col(sp).T * bp)[0, 0]
+                c = mq[i] - mp[i] + (bp.T * (mp[:i, 0] - mq[:i, 0]))[0, 0]
+                b = bq - bp
+                mean_sq = (b.T * sub(sq) * b)[0, 0]
+            out.append((vq / vp - 1 - mpmath.log(vq / vp) + (c**2 + mean_sq) / vp) / 2)
+        return np.array([float(t) for t in out])

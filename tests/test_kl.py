@@ -123,6 +123,150 @@ def test_near_equal_distributions_keep_relative_accuracy(scale):
     got = np.asarray(kl.kl_diag(m, v, mp, vp))
     want = np.array([ref.kl_diag_mp(m[i], v[i], mp[i], vp[i]) for i in range(20)])
     np.testing.assert_allclose(got, want, rtol=F32_RTOL)
+    # The full path sees float32 factors exp(v/2), a slightly different distribution: its
+    # reference takes the log-variances 2·log(factor) of exactly those factors.
+    sq, sp = np.exp(v / 2).astype(np.float32), np.exp(vp / 2).astype(np.float32)
+    got = np.asarray(kl.kl_full(m, _np_diag(sq), mp, _np_diag(sp)))
+    want = np.array([ref.kl_diag_mp(m[i], 2 * np.log(_f64(sq[i])), mp[i], 2 * np.log(_f64(sp[i])))
+                     for i in range(20)])
+    np.testing.assert_allclose(got, want, rtol=F32_RTOL)
+    got = np.asarray(kl.kl_full_std_normal(m, _np_diag(sq)))
+    want = np.array([ref.kl_diag_mp(m[i], 2 * np.log(_f64(sq[i])), np.zeros(8), np.zeros(8))
+                     for i in range(20)])
+    np.testing.assert_allclose(got, want, rtol=F32_RTOL)
+
+
+def _np_diag(s):
+    """[..., k] -> [..., k, k] diagonal matrices, in NumPy (keeps the dtype)."""
+    return s[..., :, None] * np.eye(s.shape[-1], dtype=s.dtype)
+
+
+def _near(rng, x, eps):
+    """x (float32) perturbed by eps relative to max(|x|, 0.3), elementwise; lower triangle for matrices."""
+    # At least eps·|x| >= one half ulp, so that every entry changes even at eps = 1e-7.
+    noise = eps * np.maximum(np.abs(x), 0.3) * (1 + np.abs(rng.standard_normal(x.shape)))
+    noise *= rng.choice([-1.0, 1.0], size=x.shape)
+    return (x + (np.tril(noise) if x.ndim == 2 else noise)).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("eps", [1e-7, 1e-5, 1e-4])
+def test_full_near_equal_distributions_keep_relative_accuracy(k, eps):
+    """q ≈ p through the factor, the mean or both: a few float32 ulps of the exact KL.
+
+    The reference is the textbook formula in 60-digit arithmetic at the same float32 inputs.
+    Flipping the signs of factor columns (same covariance) must not matter either.
+    """
+    rng = np.random.default_rng(int(1e8 * eps) + k)
+    rtol = 2e-6  # measured <= 3e-7; the former difference-of-logs form was off by 1e-4..1
+    for _ in range(3):
+        lp, mp = _rand_tril(rng, (), k), rng.standard_normal(k).astype(np.float32)
+        flip = np.diag(rng.choice([-1.0, 1.0], size=k)).astype(np.float32)
+        for lq, mq in [(_near(rng, lp, eps), mp), (lp, _near(rng, mp, eps)),
+                       (_near(rng, lp, eps), _near(rng, mp, eps))]:
+            want = ref.kl_full_mp(mq, lq, mp, lp)
+            assert want > 0
+            for lq_, lp_ in [(lq, lp), (lq @ flip, lp), (lq, lp @ flip)]:
+                got = float(kl.kl_full(mq, lq_, mp, lp_))
+                np.testing.assert_allclose(got, want, rtol=rtol, err_msg=str((k, eps)))
+            per = np.asarray(kl.kl_full(mq, lq, mp, lp, per_dim=True))
+            assert np.all(per >= 0)
+            np.testing.assert_allclose(per.sum(), want, rtol=rtol)
+    # The same through kl_full_std_normal, near the identity.
+    m, l = _near(rng, np.zeros(k, np.float32), eps), _near(rng, np.eye(k, dtype=np.float32), eps)
+    want = ref.kl_full_mp(m, l, np.zeros(k), np.eye(k))
+    np.testing.assert_allclose(float(kl.kl_full_std_normal(m, l)), want, rtol=rtol)
+    np.testing.assert_allclose(float(kl.kl_full(m, l, 0 * m, np.eye(k, dtype=np.float32))), want,
+                               rtol=rtol)
+    # Adding the terms (what a naive implementation does) loses these digits, so the
+    # references above can tell the stable form from the naive one.
+    if eps <= 1e-5:
+        naive = float(kl.kl_full_terms(m, l, 0 * m, np.eye(k, dtype=np.float32)).total())
+        assert abs(naive / want - 1) > 1e-3
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_full_per_dim_near_equal_matches_chain_rule(k):
+    rng = np.random.default_rng(90 + k)
+    lp, mp = _rand_tril(rng, (), k), rng.standard_normal(k).astype(np.float32)
+    lq, mq = _near(rng, lp, 1e-5), _near(rng, mp, 1e-5)
+    want = ref.kl_chain_rule_mp(mq, lq, mp, lp)
+    np.testing.assert_allclose(kl.kl_full(mq, lq, mp, lp, per_dim=True), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-5, 1e-4])
+def test_full_equals_diag_on_diagonal_factors_near_equal(eps):
+    """Diagonal factors sq ≈ sp: kl_full and kl_full_std_normal agree with the diagonal
+    mpmath reference at log-variances 2·log(s), in total and per dimension."""
+    rng = np.random.default_rng(int(1e8 * eps))
+    k = 8
+    sp = np.exp(0.4 * rng.standard_normal((6, k))).astype(np.float32)
+    sq = _near(rng, sp, eps)
+    mp = rng.standard_normal((6, k)).astype(np.float32)
+    mq = _near(rng, mp, eps)
+    vq, vp = 2 * np.log(_f64(sq)), 2 * np.log(_f64(sp))
+    per = np.asarray(kl.kl_full(mq, _np_diag(sq), mp, _np_diag(sp), per_dim=True))
+    want = np.array([[ref.kl_diag_mp(mq[i, j:j + 1], vq[i, j:j + 1], mp[i, j:j + 1], vp[i, j:j + 1])
+                      for j in range(k)] for i in range(6)])
+    np.testing.assert_allclose(per, want, rtol=2e-6)
+    np.testing.assert_allclose(per.sum(-1), want.sum(-1), rtol=2e-6)
+    s1, m1 = _near(rng, np.ones((6, k), np.float32), eps), _near(rng, np.zeros((6, k), np.float32), eps)
+    want_std = np.array([ref.kl_diag_mp(m1[i], 2 * np.log(_f64(s1[i])), np.zeros(k), np.zeros(k))
+                         for i in range(6)])
+    np.testing.assert_allclose(kl.kl_full_std_normal(m1, _np_diag(s1)), want_std, rtol=2e-6)
+    # With equal covariances (up to rounding exp(v/2) to float32) both paths agree in float32.
+    v = np.log(sp.astype(np.float64) ** 2).astype(np.float32)
+    s = np.exp(_f64(v) / 2).astype(np.float32)
+    np.testing.assert_allclose(kl.kl_full(mq, _np_diag(s), mp, _np_diag(s)), kl.kl_diag(mq, v, mp, v),
+                               rtol=1e-6)
+    # In float64 both paths can represent the same distribution: they agree to ~1e-10.
+    with jax.enable_x64(True):
+        got_full = kl.kl_full(_f64(mq), _np_diag(_f64(sq)), _f64(mp), _np_diag(_f64(sp)),
+                               per_dim=True)
+        got_diag = kl.kl_diag(_f64(mq), vq, _f64(mp), vp, per_dim=True)
+        assert got_full.dtype == np.float64
+        np.testing.assert_allclose(got_full, got_diag, rtol=1e-9)
+        np.testing.assert_allclose(got_full, want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("log_sq,log_sp", [(40, 0), (-40, 0), (0, 40), (0, -40), (40, 40), (-40, -40),
+                                           (-40, 40), (40, -40), (-60, 30)])
+def test_full_extreme_diagonals_keep_relative_accuracy(log_sq, log_sp):
+    """Factor diagonals near e^±40 (and a ratio e^-90 that underflows float32): a few ulps of
+    the exact KL; the variance ratio is the squared factor ratio, not exp of a log difference."""
+    rng = np.random.default_rng(abs(log_sq) + 2 * abs(log_sp) + (log_sq < 0) + 2 * (log_sp < 0))
+    k = 4
+    for _ in range(4):
+        sq = np.exp(log_sq + rng.uniform(-1, 1, k)) * rng.choice([-1.0, 1.0], size=k)
+        sp = np.exp(log_sp + rng.uniform(-1, 1, k))
+        lq, lp = np.diag(sq).astype(np.float32), np.diag(sp).astype(np.float32)
+        # Off-diagonal entries 1e-3 of their column's diagonal.
+        lq += np.tril(1e-3 * np.abs(lq).max(0) * rng.standard_normal((k, k)), -1).astype(np.float32)
+        z = np.zeros(k, np.float32)
+        want = ref.kl_full_mp(z, lq, z, lp)
+        got = float(kl.kl_full(z, lq, z, lp))
+        if want >= F32_MAX / 2:
+            assert got == np.inf, (got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=5e-7)  # was 4e-6..1e-5 via exp(log − log)
+        if log_sp == 0:  # the same against N(0, I)
+            want_std = ref.kl_full_mp(z, lq, z, np.eye(k))
+            got_std = float(kl.kl_full_std_normal(z, lq))
+            if want_std >= F32_MAX / 2:
+                assert got_std == np.inf
+            else:
+                np.testing.assert_allclose(got_std, want_std, rtol=5e-7)
+
+
+def test_full_float64_near_equal():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(95)
+        lp, mp = _rand_tril(rng, (), 5).astype(np.float64), rng.standard_normal(5)
+        lq = lp + 1e-12 * np.tril(rng.standard_normal((5, 5)))
+        mq = mp + 1e-12 * rng.standard_normal(5)
+        got = kl.kl_full(mq, lq, mp, lp)
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(float(got), ref.kl_full_mp(mq, lq, mp, lp), rtol=1e-12)
 
 
 def test_expm1_minus_x_is_accurate_everywhere():
@@ -343,6 +487,63 @@ def test_grads_are_finite_at_q_equals_p():
         args = cases[0][1][: 2 if fn is kl.kl_std_normal_terms else 4]
         g = jax.grad(lambda *a: sum(t.sum() for t in fn(*a)), argnums=0)(*args)
         assert np.all(np.isfinite(g))
+
+
+def _full_grads_f64(mq, lq, mp, lp):
+    """Analytic (d/dmq, d/dLq, d/dmp, d/dLp) of KL(N(mq, LqLqᵀ) || N(mp, LpLpᵀ)), float64.
+
+    With G = Σp⁻¹(Σq + δδᵀ)Σp⁻¹, δ = mp − mq: dKL/dLq = tril((Σp⁻¹ − Σq⁻¹)Lq),
+    dKL/dLp = tril((Σp⁻¹ − G)Lp), dKL/dmq = −dKL/dmp = Σp⁻¹(mq − mp); tril(Σ⁻¹L) = tril(L⁻ᵀ)
+    = diag(1/Lᵢᵢ) is used exactly.
+    """
+    mq, lq, mp, lp = (np.asarray(a, np.float64) for a in (mq, lq, mp, lp))
+    lq, lp = np.tril(lq), np.tril(lp)
+    sq, sp = lq @ lq.T, lp @ lp.T
+    spi = np.linalg.inv(sp)
+    dm = mp - mq
+    g_mq = spi @ (mq - mp)
+    return (g_mq, np.tril(spi @ lq) - np.diag(1 / np.diag(lq)), -g_mq,
+            np.diag(1 / np.diag(lp)) - np.tril(spi @ (sq + np.outer(dm, dm)) @ spi @ lp))
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-4])
+def test_full_grads_near_q_equals_p(eps):
+    """Gradients at q ≈ p are small (O(eps)) yet accurate, and exactly 0 at q = p for any
+    sign convention of the factors (LqD is a factor of the same Σq)."""
+    rng = np.random.default_rng(43)
+    k = 5
+    lp, mp = _rand_tril(rng, (), k), rng.standard_normal(k).astype(np.float32)
+    lq, mq = _near(rng, lp, eps), _near(rng, mp, eps)
+    args = (mq, lq, mp, lp)
+    grads = jax.grad(lambda *a: kl.kl_full(*a), argnums=(0, 1, 2, 3))(*args)
+    for name, g, want in zip(("mq", "lq", "mp", "lp"), grads, _full_grads_f64(*args)):
+        # measured <= 3e-7 of the largest entry; the former form was off by 2e-4 (eps 1e-4) to 0.2
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=name)
+    flip = np.diag(rng.choice([-1.0, 1.0], size=k)).astype(np.float32)
+    flip[0, 0] = -1.0  # at least one column flipped
+    for fn in (lambda *a: kl.kl_full(*a), lambda *a: kl.kl_full(*a, per_dim=True).sum(),
+               lambda *a: sum(t.sum() for t in kl.kl_full_terms(*a, per_dim=True))):
+        for q_factor in (lp, lp @ flip):
+            grads = jax.grad(fn, argnums=(0, 1, 2, 3))(mp, q_factor, mp, lp)
+            assert all(np.all(np.isfinite(g)) for g in grads)
+    grads = jax.grad(lambda *a: kl.kl_full(*a), argnums=(0, 1, 2, 3))(mp, lp @ flip, mp, lp)
+    for g in grads:
+        np.testing.assert_allclose(g, 0.0, atol=1e-5)
+
+
+def test_full_grads_are_finite_at_extreme_ratios():
+    k = 3
+    z = np.zeros(k, np.float32)
+    for log_sq, log_sp in [(-60, 30), (-40, 40), (40, 0), (0, 40)]:  # (−60, 30): r underflows
+        lq = np.exp(log_sq) * (np.eye(k) + np.tril(np.full((k, k), 1e-3), -1))
+        lp = np.exp(log_sp) * np.eye(k)
+        args = (z, lq.astype(np.float32), z, lp.astype(np.float32))
+        assert np.isfinite(float(kl.kl_full(*args)))
+        grads = jax.grad(lambda *a: kl.kl_full(*a), argnums=(1, 3))(*args)
+        _, want_q, _, want_p = _full_grads_f64(*args)
+        for g, want in [(grads[0], want_q), (grads[1], want_p)]:
+            assert np.all(np.isfinite(g)), (log_sq, log_sp)
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-30, err_msg=str((log_sq, log_sp)))
 
 
 # ---------------------------------------------------------------------------

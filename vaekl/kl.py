@@ -21,12 +21,16 @@ return per-dimension values (``per_dim=True``).
 
 Numerics. The totals are never formed by adding the four terms, which cancel
 catastrophically when q ≈ p (trace ≈ k, log_det_ratio ≈ 0). Instead each
-diagonal variance ratio r = exp(d) enters through the non-negative
+diagonal variance ratio r² = exp(d) enters through the non-negative
 ``exp(d) − 1 − d`` evaluated by :func:`expm1_minus_x` (a Taylor series near 0,
 ``expm1(d) − d`` elsewhere); off-diagonal and mean contributions are sums of
 squares (never ``norm(x)**2``, whose gradient is NaN at 0). Full covariances use
 triangular solves and log-determinants from the factors' diagonals, never an
-explicit inverse or ``det``. NaN inputs give NaN outputs.
+explicit inverse or ``det``, and never a difference of nearly equal quantities:
+the factor ratio r = |Lq,ᵢᵢ/Lp,ᵢᵢ| enters as d = 2·log1p(r − 1) near 1 (with
+r − 1 = (|Lq,ᵢᵢ| − |Lp,ᵢᵢ|)/|Lp,ᵢᵢ|), and as r·r rather than exp(d) away from 1;
+the off-diagonal part comes from Lp⁻¹(Lq − Lp), which is 0 at q = p. NaN inputs
+give NaN outputs.
 """
 
 from __future__ import annotations
@@ -103,14 +107,24 @@ def expm1_minus_x(x: jax.Array) -> jax.Array:
     is not used. NaN propagates; ±inf inputs give NaN.
     """
     x = jnp.asarray(x)
-    w = 1.0 / (1.0 + 1e30 * jnp.floor(2.0 * jnp.abs(x)))  # 1 if |x| < ½ else <= 1e-30
+    return _expm1_minus_x(x, jnp.expm1(x))
+
+
+def _series_weight(x: jax.Array) -> jax.Array:
+    """1 where |x| < ½ and at most 1e-30 elsewhere (0 for |x| = ∞, NaN for NaN); see above."""
+    return 1.0 / (1.0 + 1e30 * jnp.floor(2.0 * jnp.abs(x)))
+
+
+def _expm1_minus_x(x: jax.Array, expm1_x: jax.Array) -> jax.Array:
+    """exp(x) − 1 − x given x and exp(x) − 1; ``expm1_x`` is read only where |x| >= ½."""
+    w = _series_weight(x)
     xs = x * w
     n = _series_terms(x.dtype)
     # x²/2! + x³/3! + ... + x^(n+1)/(n+1)!  =  x² (1/2! + x (1/3! + x (...)))
     acc = jnp.full_like(xs, 1.0 / math.factorial(n + 1))
     for j in range(n, 1, -1):
         acc = 1.0 / math.factorial(j) + xs * acc
-    return w * (xs * xs * acc) + (1.0 - w) * (jnp.expm1(x) - x)
+    return w * (xs * xs * acc) + (1.0 - w) * (expm1_x - x)
 
 
 def _float(*arrays):
@@ -149,15 +163,21 @@ def _check_event(fn: str, names: tuple[str, ...], arrays, matrix: tuple[bool, ..
 #   a2  = aᵢ², a = Lp⁻¹(μp − μq)  (whitened mean difference),
 # with per-dimension KL ½(exp(d) − 1 − d + off + a2) and terms
 # (trace, mahalanobis, log_det_ratio, dim) = (exp(d) + off, a2, −d, 1).
+# The full-covariance cases also pass exp(d) − 1 (``em1``) and exp(d) (``ratio``), formed
+# from the factor ratio itself; the diagonal cases leave them to expm1(d) and exp(d).
 
 
-def _kl_from_parts(d, off, a2, per_dim: bool) -> jax.Array:
-    out = 0.5 * (expm1_minus_x(d) + off + a2)
+def _kl_from_parts(d, off, a2, per_dim: bool, *, em1=None, ratio=None) -> jax.Array:
+    del ratio  # only the terms need it
+    em1 = jnp.expm1(d) if em1 is None else em1
+    out = 0.5 * (_expm1_minus_x(d, em1) + off + a2)
     return out if per_dim else out.sum(-1)
 
 
-def _terms_from_parts(d, off, a2, per_dim: bool) -> KLTerms:
-    terms = KLTerms(jnp.exp(d) + off, a2, -d, jnp.ones_like(d))
+def _terms_from_parts(d, off, a2, per_dim: bool, *, em1=None, ratio=None) -> KLTerms:
+    del em1  # only the total needs it
+    ratio = jnp.exp(d) if ratio is None else ratio
+    terms = KLTerms(ratio + off, a2, -d, jnp.ones_like(d))
     return terms if per_dim else KLTerms(*(t.sum(-1) for t in terms))
 
 
@@ -244,25 +264,63 @@ def kl_diag_terms(mean_q, log_var_q, mean_p, log_var_p, *, per_dim: bool = False
 # KL of the chain rule along the Cholesky order: row i is the expected KL between the
 # conditionals q(zᵢ | z<ᵢ) and p(zᵢ | z<ᵢ) in p-whitened coordinates. The rows sum to
 # the total, and for diagonal covariances they are the ordinary per-dimension KLs.
+#
+# Row i of ‖M‖²_F is rᵢ² + offᵢ with rᵢ = |Lq,ᵢᵢ/Lp,ᵢᵢ|; rᵢ² − 1 − dᵢ is taken from the
+# diagonals alone (:func:`_ratio_parts`), and offᵢ from the strictly lower part of
+# Lp⁻¹(Lq − Lp) = M − I, which is small when q ≈ p (not a difference of O(1) numbers).
+# The columns of Lq are first given the signs of Lp's diagonal (LqD with D = diag(±1) is a
+# factor of the same Σq), so that Lq − Lp is small whenever Σq ≈ Σp.
 
 
-def _log_abs_diag(scale_tril):
-    return jnp.log(jnp.abs(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)))
+def _ratio_parts(aq, ap=None):
+    """(d, em1, ratio), each [k], from the absolute diagonals aq = |Lq,ᵢᵢ|, ap = |Lp,ᵢᵢ|.
+
+    With r = aq/ap (aq when ``ap`` is None, i.e. p = N(0, I)): d = 2 log r, em1 = r² − 1
+    and ratio = r². δ = (aq − ap)/ap = r − 1 is exact up to one rounding near r = 1, so
+    there (|δ| < ½) d = 2·log1p(δ) and em1 = δ(2 + δ) keep their relative accuracy as
+    q → p. Elsewhere d = 2·log(r), or 2(log aq − log ap) where r over- or underflows
+    (|d| > 170, so the absolute error of that difference is negligible). The branches
+    are weighted as in :func:`expm1_minus_x`; the fallback is a ``where`` with a safe
+    argument, so gradients stay finite.
+    """
+    if ap is None:  # r = aq is finite and nonzero
+        delta, r = aq - 1.0, aq
+        delta_safe, log_far = delta, jnp.log(aq)
+    else:
+        delta, r = (aq - ap) / ap, aq / ap
+        info = jnp.finfo(r.dtype)
+        ok = (r >= info.tiny) & (r <= info.max)  # False for NaN
+        delta_safe = jnp.where(ok, delta, 1.0)  # δ = ∞ where r = ∞
+        log_far = jnp.where(ok, jnp.log(jnp.where(ok, r, 1.0)), jnp.log(aq) - jnp.log(ap))
+    w = _series_weight(delta_safe)  # 1 for |δ| < ½, else <= 1e-30
+    log_r = w * jnp.log1p(delta_safe * w) + (1.0 - w) * log_far
+    return 2.0 * log_r, delta * (2.0 + delta), r * r
+
+
+def _diagonal(matrix):
+    """The [k] diagonal of one [k, k] matrix, as a strided slice (XLA:CPU lowers
+    ``jnp.diagonal`` to a gather in a transposed layout, which is slower to reduce)."""
+    k = matrix.shape[-1]
+    return matrix.reshape(k * k)[:: k + 1]
 
 
 def _full_parts(mean_q, scale_tril_q, mean_p, scale_tril_p):
-    """(d, off, a2), each [k], for one example."""
+    """(d, off, a2, em1, ratio), each [k], for one example."""
     lq, lp = jnp.tril(scale_tril_q), jnp.tril(scale_tril_p)
-    m = solve_triangular(lp, lq, lower=True)
+    dq, dp = _diagonal(lq), _diagonal(lp)
+    flip = jnp.where(jnp.signbit(dq) == jnp.signbit(dp), 1.0, -1.0).astype(lq.dtype)
+    m = solve_triangular(lp, lq * flip - lp, lower=True)  # M·D − I: M's strictly lower part, up to signs
     a = solve_triangular(lp, mean_p - mean_q, lower=True)
-    d = 2.0 * (_log_abs_diag(lq) - _log_abs_diag(lp))
-    return d, jnp.sum(jnp.square(jnp.tril(m, -1)), -1), jnp.square(a)
+    d, em1, ratio = _ratio_parts(jnp.abs(dq), jnp.abs(dp))
+    return d, jnp.sum(jnp.square(jnp.tril(m, -1)), -1), jnp.square(a), em1, ratio
 
 
 def _full_std_parts(mean, scale_tril):
-    """(d, off, a2), each [k], for one example against N(0, I) (M = Lq, no solve)."""
+    """(d, off, a2, em1, ratio), each [k], for one example against N(0, I) (M = Lq, no solve)."""
     lq = jnp.tril(scale_tril)
-    return 2.0 * _log_abs_diag(lq), jnp.sum(jnp.square(jnp.tril(lq, -1)), -1), jnp.square(mean)
+    aq = jnp.abs(_diagonal(lq))
+    d, em1, ratio = _ratio_parts(aq)
+    return d, jnp.sum(jnp.square(jnp.tril(lq, -1)), -1), jnp.square(mean), em1, ratio
 
 
 _FULL_NAMES = ("mean_q", "scale_tril_q", "mean_p", "scale_tril_p")
@@ -273,9 +331,9 @@ def _full_case(fn_name, parts_fn, names, signature, reduce_fn, per_dim, args):
     args = _float(*args)
     matrix = tuple(len(s) == 2 for s in signature)
     _check_event(fn_name, names, args, matrix)
-    sig = ",".join("(" + ",".join(s) + ")" for s in signature) + "->(k),(k),(k)"
-    d, off, a2 = jnp.vectorize(parts_fn, signature=sig)(*args)
-    return reduce_fn(d, off, a2, per_dim)
+    sig = ",".join("(" + ",".join(s) + ")" for s in signature) + "->(k),(k),(k),(k),(k)"
+    d, off, a2, em1, ratio = jnp.vectorize(parts_fn, signature=sig)(*args)
+    return reduce_fn(d, off, a2, per_dim, em1=em1, ratio=ratio)
 
 
 _FULL_SIG = (("k",), ("k", "k"), ("k",), ("k", "k"))
