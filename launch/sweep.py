@@ -4,10 +4,15 @@ r"""Launches a sweep over β, latent dimension k, seeds (or any config field).
         --sweep='beta=0.5,1,4 latent_dim=2,8 seed=0,1' --backend=vmap --workdir=runs/sweep
 
 Backends:
-  vmap   groups of runs trained together in one compiled program (jax.vmap), in this process;
+  vmap   groups of runs trained together in one compiled program (jax.vmap), in this process,
+         the runs sharded over every visible device (--devices), or the batch when a program
+         has fewer runs than devices (--data_parallel);
   local  separate `experiments.train` processes, --parallel at a time (one per GPU when
-         there are several, pinned with CUDA_VISIBLE_DEVICES);
-  slurm  one Slurm job array through submitit, each task a vmapped group of runs.
+         there are several, pinned with CUDA_VISIBLE_DEVICES), for configs that cannot share
+         a program;
+  slurm  one Slurm job array through submitit, each task a vmapped group of runs; a task of
+         several processes (--slurm_nodes, --slurm_tasks_per_node) shares each program over
+         all their devices through jax.distributed, each process writing its own runs.
 
 Every backend is idempotent: finished runs are skipped, interrupted ones resume from their
 checkpoints, a failed run is retried up to --retries times without stopping the others, and
@@ -24,6 +29,7 @@ child's last error line. Mistakes in flags or the sweep print one line (vaekl.cl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -60,6 +66,14 @@ _GPUS = flags.DEFINE_integer("slurm_gpus_per_task", 0, "slurm: GPUs per task.")
 _CPUS = flags.DEFINE_integer("slurm_cpus_per_task", 1, "slurm: CPUs per task.")
 _MEM = flags.DEFINE_integer("slurm_mem_gb", 0, "slurm: memory per task in GB (0: the default).")
 _POLL = flags.DEFINE_float("lock_poll_s", 2.0, "Seconds between checks of runs locked by other processes.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "vmap/slurm: devices per program, its runs sharded over "
+                                "them (0: every visible device; under slurm, of every process of a task).")
+_DATA_PARALLEL = flags.DEFINE_bool("data_parallel", None, "vmap/slurm: shard each training batch over the "
+                                   "devices (default: only when a program has fewer runs than devices; "
+                                   "--nodata_parallel: never).")
+_NODES = flags.DEFINE_integer("slurm_nodes", 1, "slurm: nodes per task (its processes share each program "
+                              "through jax.distributed).")
+_TASKS_PER_NODE = flags.DEFINE_integer("slurm_tasks_per_node", 1, "slurm: processes per node of a task.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -76,6 +90,7 @@ class Run:
     attempts: int = 0
     error: str = ""            # the last error line, or a note
     test_neg_elbo: float | None = None
+    program: dict | None = None  # vmap/slurm: the program's runs, padding, devices and mesh
 
 
 # ------------------------------------------------------------------------------------------
@@ -114,14 +129,27 @@ def _retry(run: Run) -> bool:
 
 
 def backend_vmap(runs: list[Run]) -> None:
+    """Groups of runs, each one program over --devices devices (all by default), in this
+    process; a progress line after each program says how many runs and devices it used."""
     todo = runs
-    for _ in range(1 + _RETRIES.value):
+    t0, done = time.monotonic(), 0
+    for attempt in range(1 + _RETRIES.value):
         if not todo:
             break
-        errors = sweep_lib.run_groups([r.config.to_dict() for r in todo], [r.workdir for r in todo],
-                                      _MAX_GROUP.value)
-        for run, err in zip(todo, errors):
-            _finish(run, err)
+
+        def on_program(members: list[int], program: dict, errors: list[str | None], last=attempt == _RETRIES.value):
+            nonlocal done
+            done += sum(e is None or last or runs_lib.LOCKED_MARK in e for e in errors)
+            logging.info("progress: %s; last program: %s", progress(done, len(runs), time.monotonic() - t0),
+                         program_text(program))
+
+        reports = sweep_lib.run_groups([r.config.to_dict() for r in todo], [r.workdir for r in todo],
+                                       _MAX_GROUP.value, devices=_DEVICES.value,
+                                       data_parallel=_DATA_PARALLEL.value, distributed=False, report=True,
+                                       on_program=on_program)
+        for run, rep in zip(todo, reports):
+            _finish(run, rep["error"])
+            run.program = rep["program"] or run.program
         todo = [r for r in todo if _retry(r)]
 
 
@@ -181,6 +209,16 @@ def progress(done: int, total: int, elapsed: float) -> str:
     """'3/8 runs done, elapsed 0:01:20, ETA 0:02:13' (ETA from the mean time per run so far)."""
     eta = _clock(elapsed / done * (total - done)) if done else "?"
     return f"{done}/{total} runs done, elapsed {_clock(elapsed)}, ETA {eta}"
+
+
+def program_text(program: dict) -> str:
+    """'6 runs (+2 padding) on 4 devices (runs 4 × data 1)' from a program's summary
+    (vaekl.sharding.Placement.summary)."""
+    n, d = program["runs"], program["devices"]
+    pad = f" (+{program['padded'] - n} padding)" if program["padded"] > n else ""
+    procs = f", {program['processes']} processes" if program.get("processes", 1) > 1 else ""
+    return (f"{n} run{'s' * (n != 1)}{pad} on {d} device{'s' * (d != 1)} "
+            f"(runs {program['runs_axis']} × data {program['data_axis']}{procs})")
 
 
 class _Signals:
@@ -291,39 +329,66 @@ def backend_slurm(runs: list[Run]) -> None:
         params["slurm_gpus_per_task"] = _GPUS.value
     if _MEM.value:
         params["mem_gb"] = _MEM.value
+    if _NODES.value > 1 or _TASKS_PER_NODE.value > 1:  # one task = several processes (jax.distributed)
+        params.update(nodes=_NODES.value, tasks_per_node=_TASKS_PER_NODE.value)
     executor.update_parameters(**params)
     max_group = _MAX_GROUP.value or 16
+    call = functools.partial(sweep_lib.run_groups, devices=_DEVICES.value, data_parallel=_DATA_PARALLEL.value,
+                             report=True)
     todo = runs
-    for _ in range(1 + _RETRIES.value):
+    t0, done = time.monotonic(), 0
+    for attempt in range(1 + _RETRIES.value):
         if not todo:
             break
         starts = [sweep_lib.latest_checkpoint(r.workdir) for r in todo]
         tasks = [[todo[i] for i in g] for g in sweep_lib.groups([r.config for r in todo], max_group, starts)]
-        jobs = executor.map_array(sweep_lib.run_groups, [[r.config.to_dict() for r in t] for t in tasks],
+        jobs = executor.map_array(call, [[r.config.to_dict() for r in t] for t in tasks],
                                   [[r.workdir for r in t] for t in tasks], [_MAX_GROUP.value] * len(tasks))
-        logging.info("submitted %d Slurm task(s): job %s", len(jobs), jobs[0].job_id.split("_")[0])
+        logging.info("submitted %d Slurm task(s) of %d process(es) each: job %s", len(jobs),
+                     _NODES.value * _TASKS_PER_NODE.value, jobs[0].job_id.split("_")[0])
         for task, job in zip(tasks, jobs):
             try:
-                errors = job.result()
+                reports = merge_reports(job.results())
             except Exception as e:  # pylint: disable=broad-except
-                errors = [f"Slurm task {job.job_id} failed: {e}"] * len(task)
-            for run, err in zip(task, errors):
-                _finish(run, err)
+                reports = [{"error": f"Slurm task {job.job_id} failed: {e}", "program": None}] * len(task)
+            for run, rep in zip(task, reports):
+                _finish(run, rep["error"])
+                run.program = rep["program"] or run.program
+            done += sum(not _retry(r) or attempt == _RETRIES.value for r in task)
+            programs = {program_text(r.program) for r in task if r.program}
+            logging.info("progress: %s; task %s: %s", progress(done, len(runs), time.monotonic() - t0),
+                         job.job_id, "; ".join(sorted(programs)) or "no program")
         todo = [r for r in todo if _retry(r)]
+
+
+def merge_reports(per_process: list[list[dict]]) -> list[dict]:
+    """One report per run from the reports of a task's processes (vaekl.sweep.run_groups with
+    report=True): the one of the process that wrote the run, else the first process's."""
+    return [next((r for r in reps if r["written"]), reps[0]) for reps in zip(*per_process)]
 
 
 # ------------------------------------------------------------------------------------------
 
 
 def table(runs: list[Run]) -> str:
-    """The closing table: one line per run."""
-    head = f"{'run':<40} {'before':<8} {'outcome':<10} {'tries':>5} {'test −ELBO':>11}  error or note"
+    """The closing table: one line per run (its program as runs/devices, e.g. 6r/4d), the
+    counts of outcomes, and one line per kind of program (runs, padding, devices, mesh)."""
+    head = (f"{'run':<40} {'before':<8} {'outcome':<10} {'tries':>5} {'test −ELBO':>11} {'program':>8}"
+            f"  error or note")
     lines = [head, "-" * len(head)]
     for r in runs:
         elbo = f"{r.test_neg_elbo:.3f}" if r.test_neg_elbo is not None else "-"
-        lines.append(f"{r.name:<40} {r.before:<8} {r.outcome:<10} {r.attempts:>5} {elbo:>11}  {r.error}")
+        prog = f"{r.program['runs']}r/{r.program['devices']}d" if r.program else "-"
+        lines.append(f"{r.name:<40} {r.before:<8} {r.outcome:<10} {r.attempts:>5} {elbo:>11} {prog:>8}  {r.error}")
     counts = {o: sum(r.outcome == o for r in runs) for o in ("completed", "resumed", "skipped", "failed")}
     lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+    kinds: dict[str, int] = {}
+    for r in runs:
+        if r.program:
+            kinds[program_text(r.program)] = kinds.get(program_text(r.program), 0) + 1
+    for text, n in kinds.items():  # n runs in programs of p runs each: n / p programs
+        p = next(r.program["runs"] for r in runs if r.program and program_text(r.program) == text)
+        lines.append(f"program ×{max(1, n // p)}: {text}")
     return "\n".join(lines)
 
 

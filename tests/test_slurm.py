@@ -6,6 +6,7 @@ tests/slurm/start_cluster.sh; without a cluster these tests are skipped with a m
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -39,3 +40,26 @@ def test_slurm_backend_runs_a_job_array_and_relaunch_skips(tmp_path):
     assert "submitted 2 Slurm task(s)" in out.stderr
     out = launch(workdir, spec, backend="slurm", check=0)
     assert {v[1] for v in table_rows(out.stdout).values()} == {"skipped"}
+
+
+def _process_local_checkpoints() -> bool:
+    from vaekl import checkpoints  # pylint: disable=g-import-not-at-top
+    return getattr(checkpoints, "PROCESS_LOCAL", False)
+
+
+@pytest.mark.skipif(not _process_local_checkpoints(), reason=(
+    "vaekl.checkpoints cannot yet save a process's own runs in a jax.distributed job (orbax saves "
+    "collectively: numpy leaves only from process 0); see issue 15"))
+def test_slurm_task_of_two_processes_shares_each_program(tmp_path):
+    workdir = str(tmp_path / "sweep")
+    spec = "beta=1,4 latent_dim=2,3"
+    out = launch(workdir, spec, "--max_group=2", "--slurm_cpus_per_task=1", "--slurm_tasks_per_node=2",
+                 backend="slurm", check=0)
+    rows = table_rows(out.stdout)
+    assert len(rows) == 4 and {v[1] for v in rows.values()} == {"completed"}
+    assert "submitted 2 Slurm task(s) of 2 process(es) each" in out.stderr
+    # Each task's two processes (jax.distributed, one CPU device each) shared one program.
+    assert "program ×2: 2 runs on 2 devices (runs 2 × data 1, 2 processes)" in out.stdout
+    for run in rows:
+        assert_complete(f"{workdir}/{run}", 200)  # one row per (step, split): one writer
+        assert len(os.listdir(f"{workdir}/{run}/tensorboard")) == 1

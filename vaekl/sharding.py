@@ -193,7 +193,7 @@ class Placement:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
     def describe(self) -> str:
-        """'6 runs (+2 padding) on 4 devices (runs 4 × data 1, 1 process)'."""
+        """'6 runs (+2 padding) on 4 devices (runs 4 × data 1)' (and ', 2 processes' if several)."""
         pad = f" (+{self.padded - self.num_runs} padding)" if self.padded > self.num_runs else ""
         procs = f", {self.processes} processes" if self.processes > 1 else ""
         return (f"{self.num_runs} run{'s' * (self.num_runs != 1)}{pad} on {self.devices} "
@@ -206,7 +206,7 @@ class Placement:
 
 
 def devices(count: int = 0) -> list:
-    """The first ``count`` devices of every process (0: all), ordered by process, then id."""
+    """The first ``count`` devices (0: all) of every process together, ordered by process, then id."""
     found = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return found[:count] if count else found
 
@@ -234,6 +234,9 @@ def plan(num_runs: int, devices: Sequence | None = None, *, data_parallel: bool 
         per[d.process_index] = per.get(d.process_index, 0) + 1
     if len(set(per.values())) != 1:
         raise ValueError(f"processes with different device counts: {per}")
+    if 1 < len(per) < jax.process_count():  # its processes agree through gathers over all of them
+        raise ValueError(f"a group on devices of {len(per)} of the job's {jax.process_count()} processes; "
+                         f"use the devices of one process or of all")
     r, dd = layout(num_runs, len(devs), next(iter(per.values())), batch_size, data_parallel)
     rows, fill = assign(num_runs, r)
     mesh = Mesh(np.asarray(devs, dtype=object).reshape(r, dd), (RUNS, DATA))
