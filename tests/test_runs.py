@@ -337,10 +337,12 @@ def test_launcher_waits_for_runs_held_by_another_process(tmp_path):
         "c = config_lib.defaults(); c.update(json.loads(sys.argv[3]))\n"
         "train.train_and_evaluate(c, d3)\n"
         "l3.release()\n")
-    holder = subprocess.Popen([sys.executable, "-c", holder_code, d3, d4, json.dumps(config.to_dict())],
-                              cwd=REPO, env=ENV, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL)
-    assert holder.stdout.readline().strip() == "locked"
+    holder_err_path = str(tmp_path / "holder.err")
+    with open(holder_err_path, "w") as holder_err:
+        holder = subprocess.Popen([sys.executable, "-c", holder_code, d3, d4, json.dumps(config.to_dict())],
+                                  cwd=REPO, env=ENV, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=holder_err)
+    assert holder.stdout.readline().strip() == "locked", open(holder_err_path).read()
     err_path = str(tmp_path / "launcher.err")
     with open(err_path, "w") as err:
         launcher = subprocess.Popen([sys.executable, "-m", "launch.sweep", *SMALL, "--config.num_steps=20",
@@ -352,17 +354,21 @@ def test_launcher_waits_for_runs_held_by_another_process(tmp_path):
         holder.stdin.write("go\n")
         holder.stdin.flush()
         stdout, _ = launcher.communicate(timeout=600)
+        holder.communicate(timeout=120)
     finally:
         for proc in (launcher, holder):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     log = open(err_path).read()
+    holder_log = open(holder_err_path).read()[-3000:]
+    assert holder.returncode == 0, f"the holder failed:\n{holder_log}"
     assert launcher.returncode == 0, stdout + log
     assert f"pid {holder.pid}" in log and "latent_dim=4: released (new), training it" in log
     rows = {line.split()[0]: line for line in stdout.splitlines() if line.startswith("latent_dim=")}
     assert rows["latent_dim=4"].split()[2] == "completed"
-    assert rows["latent_dim=3"].split()[2] == "skipped" and "finished by another launch" in rows["latent_dim=3"]
+    assert rows["latent_dim=3"].split()[2] == "skipped" and "finished by another launch" in rows["latent_dim=3"], \
+        f"{stdout}\nlauncher:\n{log}\nholder:\n{holder_log}"
     for d in (d3, d4):
         assert runs.status(d, config) == "done"
 

@@ -6,7 +6,7 @@ r"""Rate–distortion under β (Alemi et al. 2018, "Fixing a Broken ELBO"): a β
 
 The Flax example's MLP (784-500-k relu, k = 32), dynamically binarized MNIST (the 24,345-image
 subset from $VAEKL_MNIST_NPZ or --config.data_dir=PATH; ``--config.dataset=mnist --config.data_dir=DIR`` for
-the full set), one program for the whole β grid.
+the full set), one program for the whole β grid and two seeds.
 """
 
 from experiments.reproduce import paths
@@ -26,4 +26,4 @@ def get_config():
 
 
 def get_sweep():
-    return "beta=0.1,0.25,0.5,1,2,4,8"
+    return "beta=0.1,0.25,0.5,1,2,4,8 seed=0,1"
