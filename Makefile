@@ -15,12 +15,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist, one file per worker at a
+# time); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The unit tests only: no training runs, launchers, subprocesses or Slurm.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m launch.sweep --config=experiments/configs/digits_mlp.py --backend=vmap --workdir=runs/demo

@@ -16,8 +16,10 @@ Backends:
 
 Every backend is idempotent: finished runs are skipped, interrupted ones resume from their
 checkpoints, a failed run is retried up to --retries times without stopping the others, and
-the launcher ends with a table of runs and a non-zero exit code if any failed. Each run lands
-in WORKDIR/<run name>/ with the files of a standalone run.
+the launcher ends with a table of runs and a non-zero exit code if any failed. A run whose
+directory is broken (garbage config.json, a bad metrics line, no usable checkpoint) fails
+alone with its reason while the others train, and the table is printed whatever happens. Each
+run lands in WORKDIR/<run name>/ with the files of a standalone run.
 
 Two launches of one sweep may overlap: a run directory locked by another live process
 (vaekl.runs.RunLock) is left alone and waited for; once released, it is skipped if the
@@ -85,7 +87,7 @@ class Run:
     config: ml_collections.ConfigDict
     overrides: dict
     workdir: str
-    before: str = "new"        # new | partial | done
+    before: str = "new"        # new | partial | done | broken (an unreadable run directory)
     outcome: str = "pending"   # completed | resumed | skipped | failed
     attempts: int = 0
     error: str = ""            # the last error line, or a note
@@ -428,6 +430,10 @@ def train_all(todo: list[Run], backend) -> None:
             released = [r for r in waiting if runs_lib.lock_holder(r.workdir) is None]
             waiting = [r for r in waiting if r not in released]
             for r in released:
+                broken = sweep_lib.check_run(r.config, r.workdir)
+                if broken is not None:
+                    r.before, r.outcome, r.error = "broken", "failed", broken[:300]
+                    continue
                 r.before = runs_lib.status(r.workdir, r.config)
                 if r.before == "done":
                     r.outcome, r.error = "skipped", "finished by another launch"
@@ -457,17 +463,26 @@ def main(argv):
     runs_lib.check_writable(_WORKDIR.value)
     runs = expand(_CONFIG.value, spec, _WORKDIR.value)
     for run in runs:
-        runs_lib.check_config(run.workdir, run.config.to_dict())
+        broken = sweep_lib.check_run(run.config, run.workdir)
+        if broken is not None:  # fails alone; the others train
+            run.before, run.outcome, run.error = "broken", "failed", broken[:300]
+            continue
         run.before = runs_lib.status(run.workdir, run.config)
         if run.before == "done":
             run.outcome = "skipped"
-    todo = [r for r in runs if r.outcome != "skipped"]
+    todo = [r for r in runs if r.outcome == "pending"]
     logging.info("sweep of %d runs: %d to train (%d to resume), %d already done", len(runs), len(todo),
                  sum(r.before == "partial" for r in todo), len(runs) - len(todo))
     os.makedirs(_WORKDIR.value, exist_ok=True)
     backends = {"vmap": backend_vmap, "local": lambda rs: backend_local(rs, config_file),
                 "slurm": backend_slurm}
-    train_all(todo, backends[_BACKEND.value])
+    try:
+        train_all(todo, backends[_BACKEND.value])
+    except Exception as e:  # pylint: disable=broad-except  (the table is printed whatever happens)
+        logging.exception("the launcher failed")
+        for r in runs:
+            if r.outcome == "pending":
+                r.outcome, r.error = "failed", f"launcher: {type(e).__name__}: {cli.one_line(e)}"[:300]
     print(table(runs))
     if any(r.outcome == "failed" for r in runs):
         sys.exit(1)

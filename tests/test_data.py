@@ -410,17 +410,17 @@ def test_to_float():
 _LEVELS = np.array([0, 1, 64, 127, 128, 200, 255], np.uint8)
 
 
-def test_binarize_none_and_static_under_jit():
+def test_binarize_none_and_threshold_under_jit():
     images = jnp.asarray(_LEVELS.reshape(1, 1, 7, 1))
     none = jax.jit(data.binarize, static_argnums=2)(None, images, "none")
     assert none.dtype == jnp.float32 and none.shape == images.shape
     np.testing.assert_allclose(none.ravel(), _LEVELS / 255, rtol=1e-6)
-    static = jax.jit(lambda x: data.binarize(None, x, "static"))
+    static = jax.jit(lambda x: data.binarize(None, x, "threshold"))
     np.testing.assert_array_equal(static(images).ravel(), [0, 0, 0, 0, 1, 1, 1])
     np.testing.assert_array_equal(static(images), static(images))
-    # Host-side binarization agrees with on-device static binarization for every level.
+    # Host-side binarization agrees with on-device thresholding for every level.
     every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-    host = data.binarize_static(every)
+    host = data.binarize_threshold(every)
     assert host.dtype == np.uint8 and set(np.unique(host)) == {0, 255}
     np.testing.assert_array_equal(data.binarize(None, host, "none"), static(every))
 
@@ -445,4 +445,25 @@ def test_binarize_errors():
     with pytest.raises(ValueError, match="unknown mode 'bernoulli'"):
         data.binarize(jax.random.key(0), x, "bernoulli")
     with pytest.raises(ValueError, match="uint8"):
-        data.binarize_static(np.zeros((2, 2), np.float32))
+        data.binarize_threshold(np.zeros((2, 2), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        data.binarize_fixed(np.zeros((2, 2), np.float32), 0)
+    with pytest.raises(ValueError, match="unknown mode 'static'"):  # renamed: threshold or fixed draw
+        data.binarize(None, x, "static")
+
+
+def test_binarize_fixed_is_one_bernoulli_draw_per_pixel():
+    """Each grey level x becomes 255 with probability x / 255 (exact at 0 and 255), the same
+    draw for the same seed and a different one for another seed."""
+    n = 20000
+    images = np.tile(_LEVELS, (n, 1)).reshape(n, 1, 7, 1)
+    a = data.binarize_fixed(images, seed=3)
+    assert a.dtype == np.uint8 and a.shape == images.shape and set(np.unique(a)) <= {0, 255}
+    p, mean = _LEVELS / 255, (a == 255).mean(axis=(0, 1, 3))
+    assert np.all(np.abs(mean - p) <= 5 * np.sqrt(p * (1 - p) / n)), (mean, p)
+    assert mean[0] == 0 and mean[-1] == 1
+    np.testing.assert_array_equal(a, data.binarize_fixed(images, seed=3))
+    assert not np.array_equal(a, data.binarize_fixed(images, seed=4))
+    # Pixels are independent: the two halves of a constant image at x = 128 agree about half the time.
+    half = data.binarize_fixed(np.full((n, 2), 128, np.uint8), seed=0)
+    assert abs((half[:, 0] == half[:, 1]).mean() - 0.5) < 0.02

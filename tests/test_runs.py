@@ -45,9 +45,10 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished tiny run (checkpoints 0, 10, 20) with meta.json; tests copy it to change it."""
+    """A finished tiny run (checkpoints 0, 10, 20, 200 validation images) with meta.json;
+    tests copy it to change it."""
     run_dir = str(tmp_path_factory.mktemp("trained") / "run")
-    train.train_and_evaluate(tiny_config(), run_dir)
+    train.train_and_evaluate(tiny_config(validation_size=200), run_dir)
     if not os.path.exists(os.path.join(run_dir, runs.META)):  # until the trainer writes it
         runs.write_meta(run_dir, {"image_shape": [8, 8, 1], "train_size": 1437, **runs.provenance()})
     return run_dir
@@ -84,9 +85,11 @@ def test_load_restores_the_checkpoint_without_the_training_set(trained, monkeypa
     assert not np.array_equal(first.params["head"]["mean"]["kernel"], run.params["head"]["mean"]["kernel"])
     x = np.ones((2, 8, 8, 1), np.float32) * 0.5
     assert run.model.reconstruct(x).shape == (2, 8, 8, 1)
-    # "best" is the kept checkpoint with the lowest logged test −ELBO.
-    test = run.metrics[run.metrics.split == "test"].set_index("step").neg_elbo
-    assert runs.load(trained, "best").step == int(test.loc[[0, 10, 20]].idxmin())
+    # "best" is the kept checkpoint with the lowest logged validation −ELBO, never chosen on test.
+    valid = run.metrics[run.metrics.split == "valid"].set_index("step").neg_elbo
+    assert sorted(valid.index) == [0, 10, 20]
+    assert runs.load(trained, "best").step == int(valid.idxmin())
+    assert json.load(open(os.path.join(trained, runs.META)))["train_size"] == 1438 - 200  # digits: 1797 images, 20 % test
     with pytest.raises(ValueError, match=r"no checkpoint at step 7 .*\[0, 10, 20\]"):
         runs.load(trained, 7)
 
@@ -253,6 +256,43 @@ def test_empty_or_all_damaged_checkpoints(trained, tmp_path):
         checkpoints.restore_latest_good(mgr, like)
     assert {"0", "10", "20"} <= set(os.listdir(ckpt))
     mgr.close()
+
+
+# ---------------------------------------------------------------------------
+# The run's identity: the config inside every checkpoint, and metrics.jsonl.
+
+
+def test_checkpoint_config_refuses_another_run_without_config_json(trained, tmp_path):
+    assert runs.checkpoint_config(trained) == (20, runs.jsonable_config(tiny_config().to_dict()))
+    run_dir = copy_run(trained, tmp_path)
+    os.remove(os.path.join(run_dir, runs.CONFIG))
+    metrics = open(os.path.join(run_dir, runs.METRICS)).read()
+    with pytest.raises(ValueError, match=r"checkpoint step 20 has a different config \(beta: 1.0 → 2.0\); "
+                                         r"use a new --workdir") as e:
+        train.train_and_evaluate(tiny_config(beta=2.0), run_dir)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(os.path.join(run_dir, runs.CONFIG))  # refused before writing anything
+    assert open(os.path.join(run_dir, runs.METRICS)).read() == metrics
+    # Changes that keep the run (RESUMABLE_CHANGES) are allowed; the same config resumes.
+    runs.check_config(run_dir, tiny_config(eval_every=5, keep_checkpoints=4).to_dict())
+    rows = train.train_and_evaluate(tiny_config(), run_dir)
+    assert {r["split"] for r in rows} == {"train", "test"} and runs.read_config(run_dir).beta == 1.0
+
+
+def test_checkpoints_without_metrics_are_refused(trained, tmp_path):
+    for damage in ("missing", "empty"):
+        run_dir = copy_run(trained, tmp_path, damage)
+        path = os.path.join(run_dir, runs.METRICS)
+        os.remove(path) if damage == "missing" else open(path, "w").close()
+        steps = sorted(os.listdir(os.path.join(run_dir, runs.CHECKPOINTS)))
+        with pytest.raises(ValueError, match=rf"checkpoints up to step 20 but its metrics.jsonl is {damage}.*"
+                                             rf"restore metrics.jsonl, or move .*checkpoints aside") as e:
+            train.train_and_evaluate(tiny_config(), run_dir)
+        assert "\n" not in str(e.value)
+        assert sorted(os.listdir(os.path.join(run_dir, runs.CHECKPOINTS))) == steps  # nothing touched
+        assert os.path.exists(path) == (damage == "empty")
+        with pytest.raises(ValueError, match=f"is {damage}"):  # what the launcher checks first
+            runs.check_config(run_dir, tiny_config().to_dict())
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vaekl import runs, sharding, sweep
+from vaekl import checkpoints, runs, sharding, sweep
 from vaekl import config as config_lib
 
 from test_sweep import REPO, table_rows
@@ -45,45 +45,25 @@ def _launcher(workdir: str, spec: str, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-# One process of a two-process sweep: jax.distributed on localhost, 2 CPU devices each.
+# One process of a two-process sweep: jax.distributed on localhost, 2 CPU devices each. It trains
+# to step 10, then resumes from the checkpoints its process saved and trains to step 20.
 PROCESS = r"""
-import json, os, runpy, sys
+import json, runpy, sys
 import jax
-import numpy as np
 port, pid, workdir, spec, overrides = sys.argv[1:]
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=int(pid))
-from vaekl import checkpoints, sweep
-if not getattr(checkpoints, "PROCESS_LOCAL", False):
-    # orbax saves collectively under jax.distributed (numpy leaves only from process 0, barriers
-    # with every process), so a process cannot checkpoint its own runs with vaekl.checkpoints
-    # yet: a process-local stand-in, one .npz of the state's leaves per step.
-    class Local:
-        def __init__(self, workdir, keep):
-            self.directory = os.path.join(workdir, "checkpoints_local")
-            os.makedirs(self.directory, exist_ok=True)
-        def all_steps(self):
-            return sorted(int(f[:-4]) for f in os.listdir(self.directory))
-        def latest_step(self):
-            return max(self.all_steps(), default=None)
-        def delete(self, step):
-            os.remove(os.path.join(self.directory, f"{step}.npz"))
-        def wait_until_finished(self):
-            pass
-        close = wait_until_finished
-    def save(mgr, step, state, metric):
-        leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-        np.savez(os.path.join(mgr.directory, f"{step}.npz"),
-                 **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
-    checkpoints.manager, checkpoints.save = Local, save
-    checkpoints.restore_latest_good = lambda mgr, like: (None, None)
+from vaekl import sweep
 base = runpy.run_path("experiments/configs/digits_mlp.py")["get_config"]()
 for k, v in json.loads(overrides).items():
     base[k] = tuple(v) if isinstance(v, list) else v
-points = sweep.points(spec, base)
-reports = sweep.run_groups([c.to_dict() for _, _, c in points], [f"{workdir}/{n}" for n, _, _ in points],
-                           max_group=4, report=True)
-print("REPORT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                              "names": [n for n, _, _ in points], "reports": reports}))
+for num_steps in (10, base.num_steps):
+    base.num_steps = num_steps
+    points = sweep.points(spec, base)
+    reports = sweep.run_groups([c.to_dict() for _, _, c in points], [f"{workdir}/{n}" for n, _, _ in points],
+                               max_group=4, report=True)
+    print("REPORT " + json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
+                                  "num_steps": num_steps, "names": [n for n, _, _ in points],
+                                  "reports": reports}), flush=True)
 """
 
 
@@ -124,9 +104,12 @@ def _rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def assert_same_run(got_dir: str, want_dir: str, rtol: float) -> None:
-    """Same metrics.jsonl rows (keys, order, values) and final parameters, to ``rtol``."""
+def assert_same_run(got_dir: str, want_dir: str, rtol: float, extra: frozenset = frozenset()) -> None:
+    """Same metrics.jsonl rows (keys, order, values) and final parameters, to ``rtol``; the
+    (step, split) rows in ``extra`` are only in ``got_dir`` (and must be there)."""
     got, want = _rows(got_dir), _rows(want_dir)
+    assert extra <= {(r["step"], r["split"]) for r in got}
+    got = [r for r in got if (r["step"], r["split"]) not in extra]
     assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
     assert len({(r["step"], r["split"]) for r in got}) == len(got)  # each row written once
     for a, b in zip(got, want):
@@ -143,10 +126,6 @@ def assert_same_run(got_dir: str, want_dir: str, rtol: float) -> None:
 
 def _final_params(run_dir: str) -> dict[str, np.ndarray]:
     """{'.params[...]': array} of the run's checkpoint at the last step."""
-    local = os.path.join(run_dir, "checkpoints_local", f"{OVERRIDES['num_steps']}.npz")
-    if os.path.exists(local):  # the two-process sweep's stand-in for orbax
-        with np.load(local) as z:
-            return {k: z[k] for k in z.files if k.startswith(".params")}
     run = runs.load(run_dir, step="latest")
     assert run.step == OVERRIDES["num_steps"]
     return {".params" + jax.tree_util.keystr(k): np.asarray(v)
@@ -196,6 +175,54 @@ def test_placement_puts_and_gets_each_run():
     assert "3 runs on 1 device" in placement.describe()
 
 
+def test_process_local_checkpoints(tmp_path):
+    """The format each process of a jax.distributed job writes, forced here in one process."""
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    runs.write_config(run_dir, {"beta": 2.0})
+    states = {s: {"w": np.full((2, 3), s, np.float32), "b": jnp.arange(3.0) + s, "step": np.int32(s)}
+              for s in (0, 10, 20, 30)}
+    # A run begun with orbax (one process) goes on in the process-local format.
+    first = checkpoints.manager(run_dir, keep=1, process_local=False)
+    checkpoints.save(first, 0, states[0], 5.0)
+    first.wait_until_finished()
+    first.close()
+    mgr = checkpoints.manager(run_dir, keep=1, process_local=True)
+    assert isinstance(mgr, checkpoints.LocalManager)
+    for s, metric in ((10, 3.0), (20, 4.0)):
+        checkpoints.save(mgr, s, states[s], metric)
+    assert mgr.all_steps() == [10, 20] and mgr.best_step() == 10  # the latest 1 and the best
+    ckpt = os.path.join(run_dir, "checkpoints")
+    assert sorted(os.listdir(f"{ckpt}/20")) == ["_CHECKPOINT_METADATA", checkpoints.LOCAL_STATE]
+    assert runs.latest_checkpoint(run_dir) == 20 and runs.checkpoint_config(run_dir) == (20, {"beta": 2.0})
+    reader = checkpoints.manager(run_dir, keep=1, read_only=True)  # its marker says which format
+    assert isinstance(reader, checkpoints.LocalManager)
+    step, got = checkpoints.restore_step(reader, "best", states[0])
+    assert step == 10 and isinstance(got["b"], jax.Array)
+    jax.tree.map(np.testing.assert_array_equal, got, states[10])
+    with pytest.raises(checkpoints.CorruptCheckpoint, match="step 20.*unreadable"):  # another tree
+        checkpoints.restore(mgr, 20, {"w": states[0]["w"]})
+    # Damaged bytes fail the restore, and the previous good checkpoint is used.
+    path = f"{ckpt}/20/{checkpoints.LOCAL_STATE}"
+    data = open(path, "rb").read()
+    w = states[20]["w"].tobytes()
+    assert data.count(w) == 1
+    open(path, "wb").write(data.replace(w, bytes(b ^ 0x5A for b in w)))
+    with pytest.raises(checkpoints.CorruptCheckpoint, match="step 20"):
+        checkpoints.restore(mgr, 20, states[0])
+    step, got = checkpoints.restore_latest_good(mgr, states[0])
+    assert step == 10 and os.path.isdir(f"{ckpt}/20.corrupt")
+    # A save cut short leaves only its temporary directory, which the next writer removes.
+    os.makedirs(f"{ckpt}/30.vaekl-tmp1")
+    assert runs.latest_checkpoint(run_dir) == 10
+    mgr = checkpoints.manager(run_dir, keep=1)
+    assert isinstance(mgr, checkpoints.LocalManager) and "30.vaekl-tmp1" not in os.listdir(ckpt)
+    checkpoints.save(mgr, 30, states[30], None)
+    jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_latest_good(mgr, states[0])[1], states[30])
+    with pytest.raises(ValueError, match="step 30 already exists"):
+        checkpoints.save(mgr, 30, states[30], None)
+
+
 # ---------------------------------------------------------------------------
 # Four devices, one process: the launcher's vmap backend.
 
@@ -230,15 +257,19 @@ def test_single_run_shards_its_batch_and_equals_one_device(sweeps):
 def test_two_processes_share_one_program_and_write_their_own_runs(sweeps):
     d1, _, _ = sweeps["d1"]
     mp = sweeps["p0"][0]
-    reports = []
+    phases = []  # [process][phase]: trained to step 10, then resumed to 20
     for i in range(2):
-        line = next(l for l in sweeps[f"p{i}"][1].splitlines() if l.startswith("REPORT "))
-        reports.append(json.loads(line[len("REPORT "):]))
+        lines = [l for l in sweeps[f"p{i}"][1].splitlines() if l.startswith("REPORT ")]
+        phases.append([json.loads(l[len("REPORT "):]) for l in lines])
+    assert [[p["num_steps"] for p in ps] for ps in phases] == [[10, 20]] * 2
+    reports = [ps[1] for ps in phases]
     names = reports[0]["names"]
     assert len(names) == 4 and sorted(os.listdir(mp)) == sorted(names)
     written = [{n for n, r in zip(names, rep["reports"]) if r["written"]} for rep in reports]
     assert written[0] and written[1] and not written[0] & written[1] and written[0] | written[1] == set(names)
-    for rep in reports:
+    for ps, own in zip(phases, written):
+        assert {n for n, r in zip(names, ps[0]["reports"]) if r["written"]} == own  # same owner both times
+    for rep in (p for ps in phases for p in ps):
         assert rep["devices"] == 4
         for r in rep["reports"]:
             assert r["error"] is None
@@ -249,4 +280,17 @@ def test_two_processes_share_one_program_and_write_their_own_runs(sweeps):
         with open(f"{mp}/{name}/meta.json") as f:
             argv = shlex.split(json.load(f)["command"])  # python -c PORT PID ...
         assert argv[3] == str(owner)  # written by the process that holds it
-        assert_same_run(f"{mp}/{name}", f"{d1}/{name}", rtol=2e-5)
+        # Each process saved its own runs' checkpoints, in the process-local format.
+        ckpt = f"{mp}/{name}/checkpoints"
+        assert os.path.exists(f"{ckpt}/{checkpoints.LOCAL_FORMAT}")
+        steps = runs_steps(ckpt)
+        assert {10, 20} <= set(steps)
+        for s in steps:
+            assert sorted(os.listdir(f"{ckpt}/{s}")) == ["_CHECKPOINT_METADATA", checkpoints.LOCAL_STATE]
+        # The resumed run equals an uninterrupted one; the step-10 evaluation rows of the first
+        # phase were kept (a restart from scratch would have cut them).
+        assert_same_run(f"{mp}/{name}", f"{d1}/{name}", rtol=2e-5, extra=frozenset({(10, "train"), (10, "test")}))
+
+
+def runs_steps(ckpt: str) -> list[int]:
+    return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())

@@ -12,6 +12,8 @@ import subprocess
 
 import pytest
 
+from vaekl import runs
+
 from test_sweep import assert_complete, launch, table_rows
 
 
@@ -42,14 +44,6 @@ def test_slurm_backend_runs_a_job_array_and_relaunch_skips(tmp_path):
     assert {v[1] for v in table_rows(out.stdout).values()} == {"skipped"}
 
 
-def _process_local_checkpoints() -> bool:
-    from vaekl import checkpoints  # pylint: disable=g-import-not-at-top
-    return getattr(checkpoints, "PROCESS_LOCAL", False)
-
-
-@pytest.mark.skipif(not _process_local_checkpoints(), reason=(
-    "vaekl.checkpoints cannot yet save a process's own runs in a jax.distributed job (orbax saves "
-    "collectively: numpy leaves only from process 0); see issue 15"))
 def test_slurm_task_of_two_processes_shares_each_program(tmp_path):
     workdir = str(tmp_path / "sweep")
     spec = "beta=1,4 latent_dim=2,3"
@@ -63,3 +57,6 @@ def test_slurm_task_of_two_processes_shares_each_program(tmp_path):
     for run in rows:
         assert_complete(f"{workdir}/{run}", 200)  # one row per (step, split): one writer
         assert len(os.listdir(f"{workdir}/{run}/tensorboard")) == 1
+        # Each process saved its own runs' checkpoints (process-local format, no collective).
+        assert os.path.exists(f"{workdir}/{run}/checkpoints/VAEKL_FORMAT")
+        assert runs.load(f"{workdir}/{run}", "latest").step == 200

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vaekl import checkpoints, train
+from vaekl import checkpoints, data, train
 from vaekl import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,8 +211,8 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     dict(posterior="diag", prior="diag", beta_schedule="cyclical", beta_cycles=3),
     dict(model="conv", conv_channels=(8, 16), conv_hidden=32, activation="relu"),
     dict(likelihood="gaussian_learned", binarization="none", regularizer="free_bits", free_bits=0.5),
-    dict(regularizer="capacity", capacity_max=5.0, capacity_steps=20, lr_schedule="cosine"),
-    dict(binarization="static", lr_schedule="iwae", output_bias_from_data=True),
+    dict(regularizer="capacity", capacity_max=5.0, capacity_steps=20, lr_schedule="cosine", binarization="threshold"),
+    dict(binarization="fixed_stochastic", lr_schedule="iwae", output_bias_from_data=True, validation_size=100),
 ])
 def test_model_variants_train(tmp_path, overrides):
     config = small_config(num_steps=20, eval_every=20, checkpoint_every=20, **overrides)
@@ -220,3 +220,28 @@ def test_model_variants_train(tmp_path, overrides):
     for row in rows:
         assert np.isfinite(row["neg_elbo"]) and np.isfinite(row["loss"])
         np.testing.assert_allclose(sum(row["kl_per_dim"]), row["kl"], rtol=1e-5, atol=1e-6)
+
+
+def test_evaluations_use_one_fixed_binarization_and_a_validation_split(tmp_path):
+    """Two seeds of a dynamically binarized run evaluate the same binary test images (so their
+    test rows differ by the model only); the validation split is held out of training and
+    logged as split "valid"; "static" is refused as ambiguous."""
+    config = small_config(num_steps=10, eval_every=10, checkpoint_every=10, validation_size=100)
+    ds = data.load("digits")
+    prepared, evals = train.prepare(config, ds)
+    assert prepared.train_images.shape[0] == ds.train_images.shape[0] - 100
+    np.testing.assert_array_equal(prepared.train_images, ds.train_images[:-100])  # dynamic: grey levels
+    np.testing.assert_array_equal(evals["valid"], data.binarize_fixed(ds.train_images[-100:], 1))
+    np.testing.assert_array_equal(evals["test"], data.binarize_fixed(ds.test_images, 2))
+    _, again = train.prepare(small_config(num_steps=10, seed=7, validation_size=100), ds)
+    np.testing.assert_array_equal(again["test"], evals["test"])  # the same for every seed
+    fixed, fixed_evals = train.prepare(small_config(binarization="fixed_stochastic"), ds)
+    assert set(np.unique(fixed.train_images)) == {0, 255}
+    np.testing.assert_array_equal(fixed_evals["test"], evals["test"])
+    rows = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert {r["split"] for r in rows} == {"train", "valid", "test"}
+    with pytest.raises(ValueError, match="ambiguous"):
+        train.train_and_evaluate(small_config(binarization="static"), str(tmp_path / "static"))
+    with pytest.raises(ValueError, match="validation_size=5000 leaves no training images"):
+        train.prepare(small_config(validation_size=5000), ds)
+

@@ -20,6 +20,7 @@ import os
 import re
 import runpy
 import sys
+import threading
 import traceback
 from typing import Any, NoReturn
 
@@ -114,17 +115,46 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return rest
 
 
+def _thread_failure_line(args: threading.ExceptHookArgs) -> None:
+    """A library's background thread failed (e.g. an orbax save): one warning line instead of
+    its traceback; the main thread reports the consequence as the command's error line."""
+    name = args.thread.name if args.thread is not None else "?"
+    logging.warning("background thread %s failed: %s", name, one_line(args.exc_value or args.exc_type()))
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flushes the logs and standard streams, then ``os._exit(code)``: after a failed save,
+    orbax's non-daemon signalling threads would otherwise keep the interpreter from exiting
+    until their own timeout (minutes), and a launcher or Slurm task waits on it."""
+    logging.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(fn: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
-    """``absl.app.run(fn)``, with user errors reported as one line and exit status 2."""
+    """``absl.app.run(fn)``, with user errors reported as one line and exit status 2; a failed
+    or interrupted command exits at once (:func:`_exit_now`)."""
 
     def guarded(args: list[str]):
+        if not _traceback_wanted(args):
+            threading.excepthook = _thread_failure_line
         try:
             return fn(args)
         except USER_ERRORS as e:
-            fail(one_line(e), args)
+            try:
+                fail(one_line(e), args)
+            except SystemExit as done:
+                _exit_now(int(done.code))
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)
-            sys.exit(EXIT_INTERRUPTED)
+            _exit_now(EXIT_INTERRUPTED)
+        except Exception:  # a bug: its traceback, then out at once as well
+            traceback.print_exc()
+            _exit_now(1)
 
     app.run(guarded, argv=list(argv) if argv is not None else None, flags_parser=parse_flags)
 

@@ -17,7 +17,7 @@ from vaekl.models.priors import PRIORS
 from vaekl.models.vae import MODELS
 from vaekl.models.networks import ACTIVATIONS
 
-BINARIZATIONS = ("none", "static", "dynamic")
+BINARIZATIONS = ("none", "threshold", "dynamic", "fixed_stochastic")
 LR_SCHEDULES = ("constant", "cosine", "iwae")
 
 
@@ -28,7 +28,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.data_dir = ""               # TFDS data_dir, IDX directory or .npz path
     c.test_fraction = 0.2         # held-out fraction for sources without a test split
     c.data_seed = 0               # seed of that held-out split (fixed across training seeds)
-    c.binarization = "dynamic"    # none | static | dynamic (resampled every step)
+    c.binarization = "dynamic"    # none | threshold (x > ½) | dynamic (resampled every step) |
+    #                               fixed_stochastic (one draw, kept: "static MNIST"); vaekl.data
+    c.validation_size = 0         # last training images held out as split "valid"; the best
+    #                               checkpoint is chosen on it (none is ranked when 0)
     # Model.
     c.model = "mlp"               # mlp | conv
     c.encoder_hidden = (200, 200)
@@ -123,6 +126,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = set(config.keys()) - set(known.keys())
     if unknown:
         raise ValueError(f"unknown config fields {sorted(unknown)}")
+    if config.binarization == "static":
+        raise ValueError("config.binarization='static' is ambiguous: use 'threshold' (x > ½) or "
+                         "'fixed_stochastic' (one fixed Bernoulli draw, the literature's static MNIST)")
     for field, choices in [("model", MODELS), ("posterior", ("diag", "full")), ("prior", PRIORS),
                            ("likelihood", LIKELIHOODS), ("binarization", BINARIZATIONS),
                            ("lr_schedule", LR_SCHEDULES), ("activation", tuple(ACTIVATIONS)),
@@ -137,6 +143,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least(config, "seed", 0, integer=True, high=MAX_SEED)
     _at_least(config, "data_seed", 0, integer=True, high=MAX_SEED)
     _at_least(config, "num_images", 0, integer=True)
+    _at_least(config, "validation_size", 0, integer=True)
     _at_least(config, "steps_per_call", 0, integer=True)
     _at_least(config, "active_units_threshold", 0.0)
     for field in ("learning_rate", "likelihood_sigma", "adam_eps"):

@@ -39,11 +39,16 @@ from it; :func:`binarize` turns a batch into float32 model inputs. Binarization 
   * ``"none"``: grey levels x / 255 (e.g. for a Bernoulli decoder on grey
     values, or a Gaussian/logistic decoder);
   * ``"dynamic"``: a fresh Bernoulli(x / 255) draw every call, i.e. every step;
-  * ``"static"``: the fixed threshold x / 255 > ½, the same every call.
+  * ``"threshold"``: the fixed threshold x / 255 > ½, the same every call. This is *not*
+    the "static MNIST" of the literature.
 
-A statically binarized dataset can equally be binarized once on the host with
-:func:`binarize_static` (uint8 {0, 255}) and then used with ``mode="none"``;
-both give the same inputs.
+On the host, :func:`binarize_threshold` gives the threshold once (uint8 {0, 255}, then
+``mode="none"`` gives the same inputs), and :func:`binarize_fixed` draws one fixed
+Bernoulli(x / 255) sample per pixel from a seed: the construction of Larochelle & Murray's
+(2011) "static MNIST" (one stochastic binarization, drawn once and kept), with our own draw,
+not their file. Training uses it for the config's ``binarization="fixed_stochastic"``, and
+every evaluation of a binarized run (dynamic or fixed) uses one such draw of its test and
+validation images, the same for every run and seed (:data:`BINARIZATION_SEEDS`).
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import numpy as np
 from vaekl import dsprites
 
 __all__ = [
+    "BINARIZATION_SEEDS",
     "BINARIZE_MODES",
     "BUILTIN_SOURCES",
     "GROUND_TRUTH_SOURCES",
@@ -68,7 +74,8 @@ __all__ = [
     "GT_EVAL_TRAIN",
     "Dataset",
     "binarize",
-    "binarize_static",
+    "binarize_fixed",
+    "binarize_threshold",
     "ground_truth_dataset",
     "load",
     "sample_batch",
@@ -80,7 +87,11 @@ GROUND_TRUTH_SOURCES = (*dsprites.VARIANTS, "dsprites_npz")
 GT_EVAL_TRAIN = 2000  # fixed images in a ground-truth dataset's train_images (evaluation only)
 GT_EVAL_TEST = 5000  # ... and in its test_images
 _TFDS_PREFIX = "tfds:"
-BINARIZE_MODES = ("none", "dynamic", "static")
+BINARIZE_MODES = ("none", "dynamic", "threshold")
+# Seeds of the fixed stochastic binarizations (binarize_fixed) of each split: the training
+# set's under binarization="fixed_stochastic", and the evaluation splits' for every binarized
+# run, so that all runs and seeds are evaluated on the same binary images.
+BINARIZATION_SEEDS = {"train": 0, "valid": 1, "test": 2}
 
 # TFDS datasets whose images are stored as {0, 1}; they are scaled to {0, 255}.
 _TFDS_BINARY = frozenset({"binarized_mnist", "dsprites"})
@@ -470,16 +481,31 @@ def _load_tfds(name: str, data_dir: str | None, test_fraction: float, seed: int)
     return Dataset(name, *arrays[0], *arrays[1])
 
 
-def binarize_static(images: np.ndarray) -> np.ndarray:
+def binarize_threshold(images: np.ndarray) -> np.ndarray:
     """Thresholds uint8 images once on the host: uint8 {0, 255}, 255 where x / 255 > ½ (x >= 128).
 
-    Same shape; ``binarize(None, binarize_static(x), "none")`` equals
-    ``binarize(None, x, "static")``.
+    Same shape; ``binarize(None, binarize_threshold(x), "none")`` equals
+    ``binarize(None, x, "threshold")``.
     """
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise ValueError(f"binarize_static: expected uint8 images, got {images.dtype}.")
+        raise ValueError(f"binarize_threshold: expected uint8 images, got {images.dtype}.")
     return np.where(images > 127, np.uint8(255), np.uint8(0))
+
+
+def binarize_fixed(images: np.ndarray, seed: int) -> np.ndarray:
+    """One fixed stochastic binarization: uint8 {0, 255}, each pixel 255 with probability
+    x / 255, drawn once from ``seed`` (numpy's PCG64) on the host; same shape.
+
+    The same images and seed give the same draw on any machine (the "static MNIST"
+    construction of Larochelle & Murray 2011; ``binarize(None, result, "none")`` is then the
+    model input).
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"binarize_fixed: expected uint8 images, got {images.dtype}.")
+    u = np.random.default_rng(seed).integers(0, 255, size=images.shape, dtype=np.uint8)
+    return np.where(u < images, np.uint8(255), np.uint8(0))  # P(u < x) = x / 255 for u ~ U{0..254}
 
 
 # --------------------------------------------------------------------------------------
@@ -513,14 +539,14 @@ def binarize(key: jax.Array | None, images: jax.Array, mode: str) -> jax.Array:
       key: PRNG key, used (and required) only by ``mode="dynamic"``.
       images: uint8 in 0..255.
       mode: ``"none"``: x / 255; ``"dynamic"``: Bernoulli(x / 255) in {0, 1},
-        drawn anew for each key (pass a new key every step); ``"static"``:
+        drawn anew for each key (pass a new key every step); ``"threshold"``:
         x / 255 > ½ in {0, 1}, the same on every call. A Python string (static
         under ``jit``).
     """
     x = to_float(images)
     if mode == "none":
         return x
-    if mode == "static":
+    if mode == "threshold":
         return (x > 0.5).astype(jnp.float32)
     if mode == "dynamic":
         if key is None:

@@ -274,8 +274,9 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
                  dci_model: str = "random_forest", metric_options: dict | None = None) -> dict:
     """Evaluates a run's best (or latest) checkpoint on its test split; writes eval.json.
 
-    Dynamically binarized data is binarized once, with a fixed key, so that every number in
-    the file refers to the same binary test set. ``nll_se`` is the standard deviation over
+    The test images are those of training's evaluations (:func:`vaekl.train.prepare`): a
+    binarized run's test set is one fixed binarization, the same for every run and seed, so
+    every number in the file refers to the same binary test set. ``nll_se`` is the standard deviation over
     the test examples of their log-likelihood estimates / sqrt(N). The KL decomposition
     (:func:`kl_decomposition`, ``num_draws`` ≥ 2 draws per example) has Monte-Carlo standard
     errors ``<name>_se`` for this test set. The batch metrics of training (every declared
@@ -288,12 +289,10 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     config = load_config(workdir)
     ds = data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
                    seed=config.data_seed)
-    train_np, test_np = train.prepare_images(config, ds)
+    ds, eval_images = train.prepare(config, ds)
     key = jax.random.key(seed)
-    test = jnp.asarray(test_np)
-    if config.binarization == "dynamic":
-        test = (data.binarize(jax.random.fold_in(key, 1), test, "dynamic") * 255).astype(jnp.uint8)
-    graphdef, state, step = _restore(workdir, config, ds.image_shape, train_np, which)
+    test = jnp.asarray(eval_images["test"])
+    graphdef, state, step = _restore(workdir, config, ds.image_shape, ds.train_images, which)
     cfg = train.EvalConfig(batch_size, "none", objectives.Static.from_config(config, train.dataset_size(ds)),
                            config.active_units_threshold)
     stats = jax.jit(lambda s, x: train.evaluate(s, x, train.hyperparameters(config), jnp.int32(step),

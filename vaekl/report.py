@@ -203,14 +203,47 @@ def summary_rows(df: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def unfinished_runs(df: pd.DataFrame) -> dict[str, str]:
+    """{run: "stopped at step s of N"} for the runs whose last test evaluation comes before
+    their num_steps (failed, killed or still training): their last numbers are no final
+    result."""
+    table = analysis.run_table(df)
+    if "num_steps" not in table.columns:
+        return {}
+    target = pd.to_numeric(table.num_steps, errors="coerce")
+    last = df[df.split == "test"].groupby("run").step.max()
+    out = {}
+    for run in table.index:
+        step = last.get(run)
+        if pd.notna(target.get(run)) and (step is None or pd.isna(step) or step < target[run]):
+            shown = "–" if step is None or pd.isna(step) else int(step)
+            out[run] = f"stopped at step {shown} of {int(target[run])}"
+    return out
+
+
+def finished_only(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` without :func:`unfinished_runs` (all of it if no run finished), attrs kept."""
+    unfinished = unfinished_runs(df)
+    kept = df[~df.run.isin(list(unfinished))]
+    if not len(kept):
+        return df
+    kept = kept.copy()
+    kept.attrs = {k: ({r: v for r, v in d.items() if r not in unfinished} if isinstance(d, dict) else d)
+                  for k, d in df.attrs.items()}
+    return kept
+
+
 def run_rows(df: pd.DataFrame) -> list[dict]:
-    """Every run's final numbers, formatted; eval.json's when present."""
+    """Every run's last numbers, formatted, with its status ("done", or "stopped at step s of
+    N" for a run that failed or is unfinished); eval.json's when present."""
     fields = analysis.varying_fields(df)
     runs = analysis.per_run(df)
+    unfinished = unfinished_runs(df)
     seed = [analysis.SEED] if analysis.SEED in runs.columns else []
     rows = []
     for _, r in runs.iterrows():
         row = {_col(f): analysis.fmt_value(r[f]) for f in fields + seed} if fields or seed else {"run": r.run}
+        row["status"] = unfinished.get(r.run, "done")
         row["step"] = _num(r.get("step") if pd.notna(r.get("step")) else None)
         if row["step"] != "–":
             row["step"] = str(int(float(row["step"])))
@@ -358,12 +391,16 @@ def write_report(sweep_dir: str, term_runs: int = 3, factor_runs: int = 2) -> st
     """Writes report.html, figures/*.png, summary.csv and runs.csv into ``sweep_dir`` (a sweep
     or a single run directory) and returns the path of report.html. On data with ground-truth
     factors it adds :func:`factor_figures` for ``factor_runs`` runs."""
-    df = analysis.load_sweep(sweep_dir)
+    everything = analysis.load_sweep(sweep_dir)
+    unfinished = unfinished_runs(everything)
+    df = finished_only(everything)  # final results: only of runs that reached num_steps
     fig_dir = os.path.join(sweep_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     summary = analysis.summary(df)
     summary.to_csv(os.path.join(sweep_dir, "summary.csv"), index=False)
-    analysis.per_run(df).to_csv(os.path.join(sweep_dir, "runs.csv"), index=False)
+    per_run = analysis.per_run(everything)
+    per_run.insert(1, "status", [unfinished.get(r, "done") for r in per_run.run])
+    per_run.to_csv(os.path.join(sweep_dir, "runs.csv"), index=False)
 
     extra, factor_notes = factor_figures(df, factor_runs)
     figures = _figures(df, term_runs) + extra
@@ -372,18 +409,22 @@ def write_report(sweep_dir: str, term_runs: int = 3, factor_runs: int = 2) -> st
         plt.close(fig)
 
     fields = analysis.varying_fields(df)
-    sections = [("provenance", "Provenance", provenance(df, sweep_dir)),
+    left_out = (f"<p class='cap'><b>Left out, unfinished:</b> "
+                f"{html.escape('; '.join(f'{r} ({why})' for r, why in unfinished.items()))}.</p>"
+                if unfinished and df is not everything else "")
+    sections = [("provenance", "Provenance", provenance(everything, sweep_dir)),
                 ("summary", "Summary: mean over seeds per configuration",
                  "<p class='cap'>Final test metrics in nats per example; one row per combination of "
                  "the varying fields" + (f" ({', '.join(fields)})" if fields else "") +
-                 "; only seeds are averaged. Also in summary.csv.</p>" + _table(summary_rows(df))),
+                 "; only seeds are averaged. Also in summary.csv.</p>" + left_out + _table(summary_rows(df))),
                 ("runs", "Every run",
                  "<p class='cap'>At the last evaluation (step): train and test −ELBO, the gap "
                  "(test − train), distortion, KL, the KL split into index-code MI / total correlation / "
                  "dimension-wise KL as logged in metrics.jsonl (log) where the trainer logs them, and "
                  "active units / k. From eval.json where the run has one: the importance-weighted NLL "
                  "(± standard error), the evaluation's −ELBO, KL and its split (eval), and "
-                 "disentanglement scores. Also in runs.csv.</p>" + _table(run_rows(df)))]
+                 "disentanglement scores; status: done, or where a run that failed or is unfinished "
+                 "stopped (its numbers are not final). Also in runs.csv.</p>" + _table(run_rows(everything)))]
     for title, name, _, caption in figures:
         body = (f"<img class='fig' src='figures/{name}.png' alt='{html.escape(title)}'>"
                 f"<p class='cap'>{html.escape(caption)}</p>")
@@ -395,7 +436,7 @@ def write_report(sweep_dir: str, term_runs: int = 3, factor_runs: int = 2) -> st
     if factor_notes:
         sections.append(("factor_notes", "Runs without traversals",
                          "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in factor_notes) + "</ul>"))
-    sections.append(("images", "Reconstructions and samples", images_section(df, sweep_dir)))
+    sections.append(("images", "Reconstructions and samples", images_section(everything, sweep_dir)))
 
     nav = "<nav>" + "".join(f"<a href='#{a}'>{html.escape(t)}</a>" for a, t, _ in sections) + "</nav>"
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>vaekl report</title>"

@@ -5,7 +5,8 @@ A run directory holds::
     config.json          the run's config (every field; resumable fields may change)
     meta.json            what the trainer knew: image_shape, train_size, vaekl_commit, command
     metrics.jsonl        one JSON object per logged (step, split): the metrics' source of truth
-    checkpoints/<step>/  orbax checkpoints of the TrainState, each with a checksum
+    checkpoints/<step>/  checkpoints of the TrainState, each with a checksum and the config
+                         (orbax's format; a plain per-process one in jax.distributed jobs)
     tensorboard/         TensorBoard events (a view of metrics.jsonl)
     reconstructions.png  test images above their reconstructions (final step)
     samples.png          samples from the prior (final step)
@@ -50,6 +51,7 @@ EVAL = "eval.json"
 RECONSTRUCTIONS = "reconstructions.png"
 SAMPLES = "samples.png"
 LOCK = ".lock"
+CHECKPOINT_CONFIG = "vaekl_config"  # the config's key in a checkpoint's custom metadata
 
 # Fields that may change between a run and its resumption (they do not change the model).
 RESUMABLE_CHANGES = ("num_steps", "eval_every", "log_every", "checkpoint_every",
@@ -116,19 +118,62 @@ def check_writable(path: str) -> None:
 # config.json and meta.json.
 
 
+def jsonable_config(config: Mapping) -> dict:
+    """``config`` as config.json holds it (JSON types only: tuples become lists)."""
+    return json.loads(json.dumps(_jsonable_dict(config)))
+
+
+def _config_changes(old: Mapping, new: Mapping) -> str:
+    """'beta: 1.0 → 4.0, …' over the fields outside RESUMABLE_CHANGES that differ ('' if none)."""
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed)
+
+
+def checkpoint_config(run_dir: str) -> tuple[int, dict] | None:
+    """(step, config) stored in the newest committed checkpoint that has a readable one
+    (vaekl.checkpoints saves the config with every checkpoint); None if none has."""
+    ckpt = os.path.join(run_dir, CHECKPOINTS)
+    steps = sorted((int(d) for d in os.listdir(ckpt) if d.isdigit()), reverse=True) if os.path.isdir(ckpt) else []
+    for step in steps:
+        try:
+            with open(os.path.join(ckpt, str(step), "_CHECKPOINT_METADATA")) as f:
+                config = (json.load(f).get("custom_metadata") or {}).get(CHECKPOINT_CONFIG)
+        except (OSError, ValueError, AttributeError):
+            continue  # missing or damaged: vaekl.checkpoints falls back past it too
+        if isinstance(config, dict):
+            return step, config
+    return None
+
+
 def check_config(run_dir: str, config: Mapping) -> None:
-    """Raises ValueError if ``run_dir`` holds a run with a config that cannot be resumed as ``config``."""
+    """Raises ValueError (one line) if ``run_dir`` holds a run that cannot be resumed as ``config``.
+
+    That is: config.json, or the config saved in the newest checkpoint (which still holds
+    when config.json is lost), differs from ``config`` in a field outside RESUMABLE_CHANGES;
+    or the run has checkpoints but no metrics.jsonl rows (resuming would silently lack them).
+    """
     path = os.path.join(run_dir, CONFIG)
-    new = json.loads(json.dumps(_jsonable_dict(config)))
+    new = jsonable_config(config)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        changed = sorted(k for k in set(old) | set(new)
-                         if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-        if changed:
-            diffs = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed)
+        diffs = _config_changes(old, new)
+        if diffs:
             raise ValueError(f"{run_dir} holds a run with a different config ({diffs}); "
                              f"use a new --workdir or the original config")
+    saved = checkpoint_config(run_dir)
+    if saved is not None:
+        diffs = _config_changes(saved[1], new)
+        if diffs:
+            raise ValueError(f"{run_dir} holds a run whose checkpoint step {saved[0]} has a different config "
+                             f"({diffs}); use a new --workdir or the original config")
+    latest = latest_checkpoint(run_dir)
+    metrics = os.path.join(run_dir, METRICS)
+    if latest is not None and not MetricsLog(metrics).read():
+        what = "is empty" if os.path.exists(metrics) else "is missing"
+        raise ValueError(f"{run_dir} has checkpoints up to step {latest} but its {METRICS} {what}, so a resumed "
+                         f"run would lack the rows of steps 0–{latest}; restore {METRICS}, or move "
+                         f"{os.path.join(run_dir, CHECKPOINTS)} aside to train the run again from step 0")
 
 
 def write_config(run_dir: str, config: Mapping) -> None:
@@ -467,7 +512,7 @@ def load(run_dir: str, step: str | int = "best") -> Run:
 
     Args:
       run_dir: a run directory.
-      step: "best" (lowest test negative ELBO among the kept checkpoints; the latest if none
+      step: "best" (lowest validation negative ELBO among the kept checkpoints; the latest if none
         is ranked), "latest", or a step number. A damaged best or latest checkpoint falls
         back to the newest good one with a warning; a damaged numbered one raises.
     Raises:

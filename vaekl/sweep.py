@@ -152,7 +152,8 @@ def _describe(overrides: dict[str, Any]) -> str:
 
 
 def groups(configs: list[ml_collections.ConfigDict], max_size: int,
-           starts: list[int | None] | None = None, multiple: int = 1) -> list[list[int]]:
+           starts: list[int | None] | None = None, multiple: int = 1,
+           together: list[list[int]] | None = None) -> list[list[int]]:
     """Indices of runs that can share one vmapped program, in chunks of at most ``max_size``.
 
     Runs share a program when they differ only in β, k and seed and, if ``starts`` (their
@@ -161,6 +162,10 @@ def groups(configs: list[ml_collections.ConfigDict], max_size: int,
     by latent_dim so that padding to the largest k wastes little when a grid is split.
     A split grid's chunks are multiples of ``multiple`` (the devices a program's run axis is
     padded to) where ``max_size`` allows: 10 runs, at most 8, on 4 devices → 8 + 2.
+
+    ``together``: lists of runs that stay one group, in their order (a group that a kill
+    interrupted, :func:`resume_plan`), where they share a key and start and fit ``max_size``.
+    The result depends only on its arguments.
     """
     from vaekl.train import group_key  # pylint: disable=g-import-not-at-top
 
@@ -170,7 +175,12 @@ def groups(configs: list[ml_collections.ConfigDict], max_size: int,
         by_key.setdefault(group_key(c) + f"@{starts[i]}", []).append(i)
     out = []
     for members in by_key.values():
-        members = sorted(members, key=lambda i: configs[i].latent_dim)
+        kept = [list(t) for t in together or () if set(t) <= set(members) and len(t) <= max_size]
+        out += kept
+        taken = {i for t in kept for i in t}
+        members = sorted((i for i in members if i not in taken), key=lambda i: configs[i].latent_dim)
+        if not members:
+            continue
         n_chunks = math.ceil(len(members) / max_size)
         size = math.ceil(len(members) / n_chunks)
         if n_chunks > 1:
@@ -192,14 +202,21 @@ def bytes_per_run(config: ml_collections.ConfigDict, num_params: int, image_size
     return 4 * (4 * num_params + 2 * act)
 
 
-def fitting_group_size(configs: list[ml_collections.ConfigDict], ds, devices=None) -> int:
-    """How many of these runs fit in half the free memory of ``devices`` together (default:
-    this process's), by :func:`bytes_per_run`, after one copy of the images per device; a
-    multiple of the device count once at least that many fit (a program's run axis is padded
-    to one).
+# The memory the planner assumes on hosts whose devices share the host's memory (CPU): fixed,
+# so that a sweep is grouped the same way on every CPU host, whatever it has free or in all.
+CPU_MEMORY_BYTES = 8 * 2**30
 
-    Devices with memory of their own (GPU, TPU) add up, every process's counted like this
-    one's; devices that share the host's memory (CPU) count it once.
+
+def fitting_group_size(configs: list[ml_collections.ConfigDict], ds, devices=None) -> int:
+    """How many of these runs fit in half the memory of ``devices`` together (default: this
+    process's), by :func:`bytes_per_run`, after one copy of the images per device; a multiple
+    of the device count once at least that many fit (a program's run axis is padded to one).
+
+    Deterministic: it depends only on the configs, the dataset and the devices' kind, count
+    and total memory, never on what is free at the moment, so that a sweep and its relaunches
+    are grouped alike. Devices with memory of their own (GPU, TPU) add up their allocators'
+    limits (``bytes_limit``), every process's counted like this one's; devices that share the
+    host's memory (CPU) count :data:`CPU_MEMORY_BYTES` once, on any host.
     """
     import jax  # pylint: disable=g-import-not-at-top
     from vaekl import train  # pylint: disable=g-import-not-at-top
@@ -213,11 +230,66 @@ def fitting_group_size(configs: list[ml_collections.ConfigDict], ds, devices=Non
     local = [d for d in devices if d.process_index == jax.process_index()] or jax.local_devices()
     stats = [d.memory_stats() or {} for d in local]
     if all("bytes_limit" in s for s in stats):
-        free = len(devices) * (min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats) - images)
+        free = len(devices) * (min(s["bytes_limit"] for s in stats) - images)
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") - len(local) * images
+        free = CPU_MEMORY_BYTES - len(local) * images
     n = max(1, int(0.5 * free // per_run))
     return n - n % len(devices) if n >= len(devices) else n
+
+
+def check_run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
+    """None if ``workdir`` can be trained as ``config``, else why not, in one line naming the
+    run directory: an unreadable or different config.json, a metrics.jsonl with an invalid
+    line before its last, or a num_steps change the run's schedules forbid. Reads only."""
+    from vaekl import train  # pylint: disable=g-import-not-at-top
+
+    checks = ((runs.CONFIG, lambda: runs.check_config(workdir, config.to_dict())),
+              (runs.METRICS, lambda: runs.MetricsLog(os.path.join(workdir, runs.METRICS)).read()),
+              (runs.CONFIG, lambda: train._check_extension(workdir, config)))  # pylint: disable=protected-access
+    for name, check in checks:
+        try:
+            check()
+        except Exception as e:  # pylint: disable=broad-except  (a broken directory fails its run only)
+            text = " ".join(str(e).split())
+            where = "" if workdir in text else f"{os.path.join(workdir, name)}: "
+            return f"{type(e).__name__}: {where}{text}"
+    return None
+
+
+def resume_plan(workdirs: list[str]) -> tuple[list[int | None], list[list[int]]]:
+    """(each run's resume step or None, the groups that must be trained together again).
+
+    A run's step is its latest checkpoint, or its group's last committed step when a kill
+    left it newer (vaekl.train.GROUP_COMMIT). Runs whose markers name the same group, all of
+    them present here, form one group again, in their order, resuming from the earliest of
+    their steps; reads only.
+    """
+    from vaekl.train import read_group_commit  # pylint: disable=g-import-not-at-top
+
+    starts = [latest_checkpoint(w) for w in workdirs]
+    markers = [read_group_commit(w) if s is not None else None for w, s in zip(workdirs, starts)]
+    for i, m in enumerate(markers):
+        if m is not None and m["step"] < starts[i]:
+            starts[i] = m["step"]
+    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    index = {n: i for i, n in enumerate(names)}
+    together: list[list[int]] = []
+    if len(index) != len(names):
+        return starts, together
+    taken: set[int] = set()
+    for i, m in enumerate(markers):
+        if m is None or i in taken or len(m["members"]) < 2 or not all(n in index for n in m["members"]):
+            continue
+        idx = [index[n] for n in m["members"]]
+        if len(set(idx)) != len(idx) or taken & set(idx) or any(
+                markers[j] is None or markers[j]["members"] != m["members"] for j in idx):
+            continue
+        step = min(starts[j] for j in idx)
+        for j in idx:
+            starts[j] = step
+        taken.update(idx)
+        together.append(idx)
+    return starts, together
 
 
 def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, devices: int = 0,
@@ -230,6 +302,12 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
     over them, padded to a multiple of their count; a group with fewer runs than devices
     shards its batch instead (``data_parallel``: :func:`vaekl.sharding.layout`).
 
+    A run whose directory is broken (:func:`check_run`) fails alone, before any group is
+    planned; an error while planning a group (its data, its size, its placement) fails only
+    that group's runs. Groups that a kill interrupted are planned again as they were
+    (:func:`resume_plan`), and group sizes do not depend on free memory
+    (:func:`fitting_group_size`), so that a relaunch trains every run as before.
+
     With ``distributed`` (default: when this process is one of several tasks of a Slurm job
     step), ``jax.distributed`` is initialised first, every process of the job makes this same
     call, each program spans every process's devices, and each process trains and writes
@@ -238,7 +316,7 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
     Takes plain dicts so that Slurm tasks (submitit) can pickle the call.
 
     Returns:
-      For each run, None or its error; with ``report``, a dict per run: "error", "written"
+      For each run, None or its error (one line); with ``report``, a dict per run: "error", "written"
       (whether this process trained it) and "program" (the placement's summary, or None).
       ``on_program(run indices, summary, their errors)`` is called after each program.
     """
@@ -250,33 +328,50 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
     from vaekl import data, train  # pylint: disable=g-import-not-at-top
 
     configs = [ml_collections.ConfigDict(c) for c in configs]
-    errors: list[str | None] = [None] * len(configs)
+    errors: list[str | None] = [check_run(c, w) for c, w in zip(configs, workdirs)]
     written, programs = [False] * len(configs), [None] * len(configs)
-    starts = [latest_checkpoint(w) for w in workdirs]
+    starts, together = resume_plan(workdirs)
     if jax.process_count() > 1:  # every process plans from the first one's view
         first_view = sharding.all_processes([-1 if s is None else s for s in starts])[0]
         starts = [None if s < 0 else int(s) for s in first_view]
     devs = sharding.devices(devices)
-    for idx in groups(configs, max_size=len(configs), starts=starts):
-        first = configs[idx[0]]
+    by_key: dict[str, list[int]] = {}
+    for i, c in enumerate(configs):
+        if errors[i] is None:
+            by_key.setdefault(train.group_key(c) + f"@{starts[i]}", []).append(i)
+    for idx in by_key.values():
+        first, ds, limit, problem = configs[idx[0]], None, max_group, None
         try:
             ds = data.load(first.dataset, first.data_dir or None, test_fraction=first.test_fraction,
                            seed=first.data_seed)
+            limit = max_group or fitting_group_size([configs[i] for i in idx], ds, devs)
         except Exception as e:  # pylint: disable=broad-except
+            problem, limit = f"{type(e).__name__}: {e}", 0
+        if not max_group:  # every process calls this, whatever happened here
+            limit = int(sharding.all_processes([limit]).min())
+        chunks: list[list[int]] = []
+        if problem is None:
+            try:
+                if limit < 1:
+                    raise RuntimeError("another process could not plan this group")
+                local = [[idx.index(j) for j in t] for t in together if set(t) <= set(idx)]
+                chunks = groups([configs[i] for i in idx], limit, [starts[i] for i in idx],
+                                multiple=len(devs), together=local)
+            except Exception as e:  # pylint: disable=broad-except
+                problem = f"{type(e).__name__}: {e}"
+        if problem is not None:
             for i in idx:
-                errors[i] = f"{type(e).__name__}: {e}"
+                errors[i] = " ".join(problem.split())
             continue
-        limit = max_group or int(sharding.all_processes([fitting_group_size([configs[i] for i in idx], ds,
-                                                                            devs)]).min())
-        for chunk in groups([configs[i] for i in idx], limit, [starts[i] for i in idx], multiple=len(devs)):
+        for chunk in chunks:
             members = [idx[j] for j in chunk]
             try:
                 placement = sharding.plan(len(members), devs, data_parallel=data_parallel,
                                           batch_size=first.batch_size,
                                           latent_dim=max(configs[i].latent_dim for i in members))
-            except ValueError as e:
+            except Exception as e:  # pylint: disable=broad-except
                 for i in members:
-                    errors[i] = f"ValueError: {e}"
+                    errors[i] = f"{type(e).__name__}: {' '.join(str(e).split())}"
                 continue
             mine = [members[j] for j in placement.local_runs]  # the runs this process writes
             logging.info("training %s in one program: %s", placement.describe(),
@@ -284,12 +379,14 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
             try:
                 with sharding.use(placement):
                     results = train.train_group([configs[i] for i in mine], [workdirs[i] for i in mine],
-                                                dataset=ds)
+                                                dataset=ds,
+                                                group=[os.path.basename(os.path.normpath(workdirs[i]))
+                                                       for i in members])
             except Exception as e:  # pylint: disable=broad-except
                 logging.error("group failed: %s", traceback.format_exc())
                 results = [e] * len(mine)
             for i, r in zip(mine, results):
-                errors[i] = f"{type(r).__name__}: {r}" if isinstance(r, Exception) else None
+                errors[i] = f"{type(r).__name__}: {' '.join(str(r).split())}" if isinstance(r, Exception) else None
                 written[i] = True
             for i in members:
                 programs[i] = placement.summary()

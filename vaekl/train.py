@@ -13,7 +13,9 @@ a sweep can ``jax.vmap`` them over many runs in one program.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -283,25 +285,45 @@ class Member:
         self.mgr = None
         self.tb = None
         self.failure: str | None = None
+        self.error: Exception | None = None  # what stopped it, when not a non-finite loss
         self.last_rows: dict[str, dict] | None = None
+        self.group = [os.path.basename(os.path.normpath(workdir))]  # run names of its whole group
 
     def open(self) -> None:
         """Creates (or checks) the run directory; called once every member's input is valid."""
         os.makedirs(self.workdir, exist_ok=True)
         rundir.write_config(self.workdir, self.config.to_dict())
         self.mgr = checkpoints.manager(self.workdir, self.config.keep_checkpoints)
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self.tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
 
-    def log_rows(self, rows: list[dict]) -> None:
-        """Appends rows to metrics.jsonl and TensorBoard (both derived from the declarations)."""
-        self.log.append(rows)
+    def restart_tensorboard(self) -> None:
+        """Rewrites TensorBoard's events from metrics.jsonl (already cut back to the restored
+        step) into a new event file and removes the older ones, so that readers never see a
+        step twice after a resume (the events of work a kill lost are gone with its rows)."""
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        tb_dir = os.path.join(self.workdir, runs.TENSORBOARD)
+        old = [os.path.join(tb_dir, f) for f in os.listdir(tb_dir)] if os.path.isdir(tb_dir) else []
+        old = [f for f in old if ".tfevents." in os.path.basename(f) and os.path.isfile(f)]
+        if self.tb is not None:
+            self.tb.close()
+        self.tb = SummaryWriter(tb_dir, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        rows = self.log.read()
+        if rows:
+            self._tensorboard_rows(rows)
+        for f in old:
+            os.remove(f)
+
+    def _tensorboard_rows(self, rows: list[dict]) -> None:
         for row in rows:
             for tag, v in metrics_lib.tensorboard_scalars(row).items():
                 self.tb.add_scalar(tag, v, row["step"])
             for tag, v in metrics_lib.tensorboard_histograms(row).items():
                 self.tb.add_histogram(tag, v, row["step"])
         self.tb.flush()
+
+    def log_rows(self, rows: list[dict]) -> None:
+        """Appends rows to metrics.jsonl and TensorBoard (both derived from the declarations)."""
+        self.log.append(rows)
+        self._tensorboard_rows(rows)
         evals = {r["split"]: r for r in rows if r["split"] in EVAL_SPLITS}
         if evals:
             self.last_rows = evals
@@ -324,14 +346,97 @@ class Member:
             logging.warning("closing %s after a failure: %s", self.workdir, e)
 
 
+# A vmapped group's step is committed atomically: every member saves step s, the group waits
+# for all those saves to finish, and only then writes GROUP_COMMIT = {"step": s, "members":
+# [run names of the whole group]} into each member's directory (temporary file + rename). A
+# checkpoint newer than its run's marker is uncommitted (a kill came between the members'
+# saves, or before the markers): resuming drops it, with its metrics rows, and the group
+# restarts together from the last step committed by all of them (vaekl.sweep plans the same
+# group again from the markers). A run trained on its own has no marker.
+GROUP_COMMIT = "group_commit.json"
+
+# Test hook for fault injection: called as ``fault_hook(phase, step, member)`` when a group
+# saves: "member_saved" after each member's save call (member = its index), "saved" once every
+# member's save has finished and "committed" once the markers are written (member = -1).
+fault_hook: Callable[[str, int, int], None] | None = None
+
+
+def _fault(phase: str, step: int, member: int = -1) -> None:
+    if fault_hook is not None:
+        fault_hook(phase, step, member)
+
+
+def read_group_commit(workdir: str) -> dict | None:
+    """A run's group commit marker ``{"step": int, "members": [run names]}``, or None if it
+    has none (an unreadable one is ignored with a warning: the checkpoints then decide)."""
+    path = os.path.join(workdir, GROUP_COMMIT)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            marker = json.load(f)
+        if not isinstance(marker.get("step"), int) or not isinstance(marker.get("members"), list):
+            raise ValueError("not {step, members}")
+        return marker
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        logging.warning("ignoring the unreadable group commit marker %s (%s)", path, e)
+        return None
+
+
+def _commit_group(members: list[Member], step: int) -> None:
+    """Writes every live member's marker for ``step`` once all their saves have finished."""
+    for m in members:
+        m.mgr.wait_until_finished()
+    _fault("saved", step)
+    for m in members:
+        runs.atomic_write(os.path.join(m.workdir, GROUP_COMMIT),
+                          json.dumps({"step": int(step), "members": m.group}))
+    _fault("committed", step)
+
+
+def _drop_uncommitted(m: Member) -> None:
+    """Deletes the run's checkpoints newer than its group commit marker (see GROUP_COMMIT)."""
+    marker = read_group_commit(m.workdir)
+    if marker is None:
+        return
+    for s in [s for s in m.mgr.all_steps() if s > marker["step"]]:
+        logging.warning("%s: dropping checkpoint step %d, which its group never committed (the group "
+                        "resumes from step %d)", m.workdir, s, marker["step"])
+        m.mgr.delete(s)
+
+
+def _prune(m: Member) -> None:
+    """Deletes the checkpoints beyond the ``keep_checkpoints`` latest and the best, which a kill
+    right after a save can leave behind (orbax prunes only when it saves)."""
+    steps = sorted(m.mgr.all_steps())
+    keep = set(steps[-m.config.keep_checkpoints:]) | {m.mgr.best_step()}
+    for s in steps:
+        if s not in keep:
+            m.mgr.delete(s)
+
+
 def _restore_start(members: list[Member]) -> int | None:
     """The common step to resume the group from (None: start afresh), made consistent.
 
-    Normally every member's latest checkpoint is the same step. After a crash between
-    members' saves, the group resumes from the earliest of them; members that got further
-    drop their later checkpoints (their metrics are cut back below).
+    Checkpoints newer than a member's group commit marker are dropped first. Normally every
+    member's latest checkpoint is then the same step. After a crash between members' saves
+    (of runs without markers) or a damaged checkpoint, the group resumes from the earliest of
+    them; members that got further drop their later checkpoints (their metrics are cut back
+    below).
     """
-    latest = [checkpoints.restore_latest_good(m.mgr, m.initial)[0] for m in members]
+    latest = []
+    for m in members:
+        _drop_uncommitted(m)
+        try:
+            latest.append(checkpoints.restore_latest_good(m.mgr, m.initial)[0])
+        except checkpoints.CorruptCheckpoint as e:  # no usable checkpoint: only this member fails
+            if len(members) == 1:
+                raise
+            logging.error("%s; the rest of its group trains without it", e)
+            m.failure, m.error = str(e), e
+    members = [m for m in members if m.failure is None]  # latest holds their steps
+    if not members:
+        raise ValueError("no member of the group has a usable checkpoint")
     if all(s is None for s in latest):
         return None
     if any(s is None for s in latest):
@@ -348,7 +453,7 @@ def _restore_start(members: list[Member]) -> int | None:
     return start
 
 
-EVAL_SPLITS = ("train", "test")
+EVAL_SPLITS = ("train", "valid", "test")  # "valid" only with config.validation_size > 0
 TRAIN_CURVE_SPLIT = "train_batch"  # means of the training steps' metrics since the last log
 
 
@@ -377,7 +482,8 @@ def dataset_size(ds: data.Dataset) -> int:
 
 
 def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
-                dataset: data.Dataset | None = None) -> list[list[dict] | Exception]:
+                dataset: data.Dataset | None = None,
+                group: list[str] | None = None) -> list[list[dict] | Exception]:
     """Trains runs that differ only in per-run values (:func:`group_fields`) together, in one
     vmapped program.
 
@@ -393,6 +499,8 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     Args:
       configs, workdirs: the runs.
       dataset: the runs' dataset, if already loaded.
+      group: the run names of the whole group, for its commit markers (default: these runs';
+        in a multi-process group, every process's).
     Returns:
       For each run, its final evaluation rows, or the exception that stopped it.
     """
@@ -406,7 +514,10 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     if ds.train_images.shape[0] == 0 or ds.test_images.shape[0] == 0:
         raise ValueError(f"dataset {config.dataset!r} has {ds.train_images.shape[0]} training and "
                          f"{ds.test_images.shape[0]} test images; both must be > 0")
+    ds, eval_images = prepare(config, ds)
     members = [Member(c, w, ds.image_shape, ds.train_images) for c, w in zip(configs, workdirs)]
+    for m in members:
+        m.group = list(group) if group else [os.path.basename(os.path.normpath(w)) for w in workdirs]
     big = config.copy_and_resolve_references()
     big.unlock()
     big.latent_dim = max(m.k for m in members)
@@ -422,7 +533,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
         for m in members:
             m.open()
             runs.write_meta(m.workdir, meta)
-        return _train_opened(members, config, ds, big)
+        return _train_opened(members, config, ds, big, eval_images)
     finally:
         for m in members:
             m.abort()
@@ -479,16 +590,26 @@ def _agree_start(members: list[Member], start: int | None, placement: sharding.P
     return agreed
 
 
-def _train_opened(members: list[Member], config, ds, big) -> list[list[dict] | Exception]:
-    """The body of :func:`train_group` once every member's directory is open and locked."""
-    train_np, test_np = ds.train_images, ds.test_images
+def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str, np.ndarray]
+                  ) -> list[list[dict] | Exception]:
+    """The body of :func:`train_group` once every member's directory is open and locked;
+    ``eval_images`` as :func:`prepare` gives them."""
+    train_np, test_np = ds.train_images, eval_images["test"]
     placement = _placement(members, config, big)
     graphdef, template, tx = create(big, ds.image_shape, train_np)
     start = _agree_start(members, _restore_start(members), placement)
     member_states = []
     for m in members:
+        if m.failure is not None:  # no usable checkpoint (_restore_start): a placeholder, never saved
+            member_states.append(pad_like(m.initial, template))
+            continue
         state = m.initial if start is None else checkpoints.restore(m.mgr, start, m.initial)
         m.log.truncate(-1 if start is None else start)
+        m.restart_tensorboard()
+        if start is not None:
+            _prune(m)
+        if len(m.group) == 1 and os.path.exists(os.path.join(m.workdir, GROUP_COMMIT)):
+            os.remove(os.path.join(m.workdir, GROUP_COMMIT))  # now a run on its own
         member_states.append(pad_like(state, template))
     state = placement.put_runs(jax.tree.map(lambda *a: np.stack(a), *member_states))
     if start is not None:
@@ -498,8 +619,7 @@ def _train_opened(members: list[Member], config, ds, big) -> list[list[dict] | E
     fns = compile_fns(config, graphdef, tx, vmapped=True, draw=draw, dataset_size=dataset_size(ds),
                       placement=placement)
     arrays = placement.replicate(arrays)
-    evals_on = {"train": placement.replicate(train_np[: config.num_eval_train]),
-                "test": placement.replicate(test_np)}
+    evals_on = {split: placement.replicate(images) for split, images in eval_images.items()}
     hp = placement.put_runs(_stack_hyperparameters([m.config for m in members]))
     masks = placement.put_runs(np.asarray([np.arange(big.latent_dim) < m.k for m in members], np.float32))
     seeds = [jax.random.key(m.config.seed) for m in members]
@@ -518,7 +638,11 @@ def _train_opened(members: list[Member], config, ds, big) -> list[list[dict] | E
         host = placement.to_host(state)
         for i, m in live():
             own = slice_like(jax.tree.map(lambda a: a[i], host), m.initial)
-            checkpoints.save(m.mgr, step, own, m.last_rows["test"]["neg_elbo"] if evaluated else None)
+            checkpoints.save(m.mgr, step, own,
+                             m.last_rows["valid"]["neg_elbo"] if evaluated and "valid" in m.last_rows else None)
+            _fault("member_saved", step, i)
+        if len(members[0].group) > 1:
+            _commit_group([m for _, m in live()], step)
 
     step = 0 if start is None else start
     if start is None:
@@ -577,7 +701,7 @@ def _train_opened(members: list[Member], config, ds, big) -> list[list[dict] | E
     for i, m in enumerate(members):
         m.close()
         if m.failure is not None:
-            results.append(FloatingPointError(m.failure))
+            results.append(m.error or FloatingPointError(m.failure))
             continue
         if m.last_rows is None:  # resumed a finished run: read its final rows back
             m.last_rows = {r["split"]: r for r in m.log.read()
@@ -654,7 +778,7 @@ def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool =
     unroll = steps_per_call(config) > 0
 
     def steps(state, arrays, hp, key, latent_mask, num_steps):
-        cfg = StepConfig(config.batch_size, config.binarization, static(arrays), draw)
+        cfg = StepConfig(config.batch_size, step_binarization(config), static(arrays), draw)
         fn = functools.partial(run_steps, num_steps=num_steps, graphdef=graphdef, tx=tx, cfg=cfg,
                                unroll=unroll)
         if vmapped:
@@ -664,7 +788,7 @@ def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool =
     n_eval = dataset_size
 
     def ev(state, images, hp, step, key, latent_mask):
-        cfg = EvalConfig(config.eval_batch_size, config.binarization,
+        cfg = EvalConfig(config.eval_batch_size, "none",  # images binarized by prepare()
                          objectives.Static.from_config(config, n_eval or images.shape[0]),
                          config.active_units_threshold)
         fn = functools.partial(evaluate, graphdef=graphdef, cfg=cfg)
@@ -685,10 +809,53 @@ def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool =
     return Compiled(steps_jit, ev_placed)
 
 
-def prepare_images(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) uint8 arrays, binarized once here when binarization is 'static'."""
-    fix = data.binarize_static if config.binarization == "static" else (lambda a: a)
-    return fix(ds.train_images), fix(ds.test_images)
+def step_binarization(config: ml_collections.ConfigDict) -> str:
+    """The training steps' :func:`vaekl.data.binarize` mode: "none" under "fixed_stochastic"
+    (the training images are binarized once by :func:`prepare`), else the config's."""
+    return "none" if config.binarization == "fixed_stochastic" else config.binarization
+
+
+def prepare(config: ml_collections.ConfigDict, ds: data.Dataset) -> tuple[data.Dataset, dict[str, np.ndarray]]:
+    """(the dataset the training steps draw from, {split: uint8 evaluation images}).
+
+    ``config.validation_size`` > 0 holds out the last training images as split "valid" (not
+    trained on; the best checkpoint is chosen on it). The evaluation images are binarized
+    here, once and for every run and seed alike, so that evaluation runs with mode "none":
+    thresholded under "threshold", one fixed Bernoulli draw (:func:`vaekl.data.binarize_fixed`,
+    seed ``data.BINARIZATION_SEEDS[split]``) under "dynamic" and "fixed_stochastic". Under
+    "fixed_stochastic" the training images are such a draw too (the "static MNIST"
+    construction); under "dynamic" the steps draw anew. Splits: "train" (the first
+    ``num_eval_train`` training images), "valid" (if any), "test".
+    """
+    train, labels = ds.train_images, ds.train_labels
+    valid = train[:0]
+    if config.validation_size:
+        if ds.ground_truth is not None:
+            raise ValueError(f"config.validation_size={config.validation_size}: {config.dataset!r} renders its "
+                             f"training images; it has no held-out validation split")
+        n = train.shape[0] - config.validation_size
+        if n < 1:
+            raise ValueError(f"config.validation_size={config.validation_size} leaves no training images "
+                             f"(dataset {config.dataset!r} has {train.shape[0]})")
+        train, labels, valid = train[:n], labels[:n], train[n:]
+    mode = config.binarization
+    if mode == "threshold":
+        fix = lambda a, split: data.binarize_threshold(a)
+    elif mode in ("dynamic", "fixed_stochastic"):
+        fix = lambda a, split: data.binarize_fixed(a, data.BINARIZATION_SEEDS[split])
+    else:
+        fix = lambda a, split: a
+    if mode == "fixed_stochastic":
+        train = fix(train, "train")
+        evals = {"train": train[: config.num_eval_train]}
+    else:
+        evals = {"train": fix(train[: config.num_eval_train], "train")}
+    if valid.shape[0]:
+        evals["valid"] = fix(valid, "valid")
+    evals["test"] = fix(ds.test_images, "test")
+    if train is not ds.train_images:
+        ds = dataclasses.replace(ds, train_images=train, train_labels=labels)
+    return ds, evals
 
 
 def write_images(config, workdir: str, graphdef, params, test_images: np.ndarray) -> None:

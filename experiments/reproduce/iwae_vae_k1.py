@@ -26,7 +26,8 @@ def get_config():
     c = config_lib.defaults()
     c.dataset = "npz"
     c.data_dir = paths.mnist_npz()  # $VAEKL_MNIST_NPZ or --config.data_dir
-    c.binarization = "dynamic"
+    c.binarization = "dynamic"  # evaluated on one fixed binarization of the test set
+    c.validation_size = 400     # Burda et al. held out 400 training images; "best" is chosen on them
     c.model = "mlp"
     c.encoder_hidden = (200, 200)
     c.decoder_hidden = (200, 200)
