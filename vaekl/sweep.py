@@ -193,13 +193,19 @@ def bytes_per_run(config: ml_collections.ConfigDict, num_params: int, image_size
     """A generous estimate of one vmapped run's device memory, in bytes.
 
     Parameters, gradients and Adam's two moments (4 copies of float32), plus activations of a
-    training batch and of an evaluation batch (inputs, every layer's width, both passes).
+    training batch and of an evaluation batch (inputs, every layer's width, both passes), plus
+    the β-TCVAE split that every training step and evaluation batch computes: a [B, B, k]
+    float32 table (and its logsumexp), for each of up to ``train.CPU_UNROLL_BATCHES``
+    evaluation batches that XLA:CPU may hold at once when it unrolls them.
     """
+    from vaekl import train  # pylint: disable=g-import-not-at-top
+
     widths = sum(config.encoder_hidden) + sum(config.decoder_hidden) + 4 * config.latent_dim
     if config.model == "conv":
         widths += 2 * image_size * sum(config.conv_channels)
     act = (config.batch_size + config.eval_batch_size) * (3 * image_size + 2 * widths)
-    return 4 * (4 * num_params + 2 * act)
+    tc = 2 * config.latent_dim * (config.batch_size ** 2 + train.CPU_UNROLL_BATCHES * config.eval_batch_size ** 2)
+    return 4 * (4 * num_params + 2 * act + tc)
 
 
 # The memory the planner assumes on hosts whose devices share the host's memory (CPU): fixed,

@@ -21,7 +21,8 @@ def get_config():
     c.latent_dim, c.likelihood, c.output_bias_from_data = 32, "bernoulli", True
     c.batch_size, c.learning_rate = 100, 1e-3
     c.num_steps, c.eval_every, c.log_every, c.checkpoint_every = 8000, 1000, 1000, 4000
-    c.eval_batch_size, c.num_eval_train = 1000, 5000
+    # Evaluation batches of 250: the β-TCVAE split of each holds a [B, B, k] table per run.
+    c.eval_batch_size, c.num_eval_train = 250, 5000
     return c
 
 
