@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import inspect
 import os
-import re
 import runpy
 import signal
 import subprocess
@@ -184,24 +183,6 @@ def train_command(config_file: str, file_config: ml_collections.ConfigDict, run:
     return cmd
 
 
-_TRACEBACK_END = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
-
-
-def child_error(log_text: str, returncode: int, log_path: str) -> str:
-    """One line for a failed child: its last ``error: ...`` line (vaekl.cli's one-line
-    errors), else its traceback's last line, else its last line; then how it ended."""
-    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
-    message = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
-    if message is None:
-        message = next((line for line in reversed(lines) if _TRACEBACK_END.match(line)),
-                       lines[-1] if lines else "")
-    if returncode < 0:
-        how = f"killed by {signal.Signals(-returncode).name}"
-    else:
-        how = f"exit {returncode}"
-    return f"{message[:240]} ({how}; log {log_path})" if message else f"({how}; log {log_path})"
-
-
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -296,7 +277,7 @@ def backend_local(runs: list[Run], config_file: str) -> None:
                 del running[slot]
                 with open(log_path, errors="replace") as f:
                     tail = f.read()[-5000:]
-                _finish(run, None if proc.returncode == 0 else child_error(tail, proc.returncode, log_path))
+                _finish(run, None if proc.returncode == 0 else cli.child_error(tail, proc.returncode, log_path))
                 logging.info("%s %s (exit %d)%s", run.name, run.outcome, proc.returncode,
                              f": {run.error}" if run.outcome == "failed" else "")
                 if _retry(run) and run.attempts <= _RETRIES.value:

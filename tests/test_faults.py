@@ -313,10 +313,8 @@ def test_report_marks_unfinished_runs(tmp_path):
 
 
 def test_child_error_carries_the_reason():
-    from launch import sweep as launcher  # pylint: disable=g-import-not-at-top  (defines flags)
-
     log = "I1 starting\nW1 a warning\nerror: dataset 'npz' needs --config.data_dir\n"
-    line = launcher.child_error(log, cli.EXIT_USER_ERROR, "/x/run.1.log")
+    line = cli.child_error(log, cli.EXIT_USER_ERROR, "/x/run.1.log")
     assert line == "dataset 'npz' needs --config.data_dir (exit 2; log /x/run.1.log)"
     crash = "Traceback (most recent call last):\n  File x\nRuntimeError: out of memory\nI1 cleanup\n"
-    assert launcher.child_error(crash, -9, "l").startswith("RuntimeError: out of memory (killed by SIGKILL")
+    assert cli.child_error(crash, -9, "l").startswith("RuntimeError: out of memory (killed by SIGKILL")

@@ -18,6 +18,7 @@ import pytest
 
 from vaekl import data, objectives, regularizers, sweep, train
 from vaekl import config as config_lib
+from vaekl import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(regularizers.REGISTRY)
@@ -168,6 +169,8 @@ def test_readme_example_adds_a_regularizer_that_trains(tmp_path):
     section = readme[readme.index("### Adding a regularizer"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace: dict = {}
+    registries = (regularizers.REGISTRY, regularizers.FIELDS, metrics_lib.REGISTRY)
+    before, fields_before = [dict(reg) for reg in registries], set(config_lib.defaults())
     try:
         exec(code, namespace)  # noqa: S102
         name = [n for n in regularizers.REGISTRY if n not in NAMES][0]
@@ -177,8 +180,8 @@ def test_readme_example_adds_a_regularizer_that_trains(tmp_path):
         rows = train.train_and_evaluate(c, str(tmp_path / "run"))
         assert all(np.isfinite(r["loss"]) for r in rows)
         assert all(m in rows[0] for m, _ in regularizers.REGISTRY[name].metrics)
-    finally:
-        for n in [n for n in regularizers.REGISTRY if n not in NAMES]:
-            del regularizers.REGISTRY[n]
-        for f in [f for f in regularizers.FIELDS if f not in config_lib.defaults()]:
-            del regularizers.FIELDS[f]
+    finally:  # the registries as they were: later tests (and their subprocesses) see no trace
+        for reg, old in zip(registries, before):
+            reg.clear()
+            reg.update(old)
+    assert set(config_lib.defaults()) == fields_before

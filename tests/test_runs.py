@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     """A finished tiny run (checkpoints 0, 10, 20, 200 validation images) with meta.json;
     tests copy it to change it."""
     run_dir = str(tmp_path_factory.mktemp("trained") / "run")
-    train.train_and_evaluate(tiny_config(validation_size=200), run_dir)
+    train.train_and_evaluate(tiny_config(**TRAINED), run_dir)
     if not os.path.exists(os.path.join(run_dir, runs.META)):  # until the trainer writes it
         runs.write_meta(run_dir, {"image_shape": [8, 8, 1], "train_size": 1437, **runs.provenance()})
     return run_dir
@@ -58,6 +58,9 @@ def copy_run(trained, tmp_path, name="run"):
     dst = str(tmp_path / name)
     shutil.copytree(trained, dst, ignore=shutil.ignore_patterns(runs.LOCK))
     return dst
+
+
+TRAINED = dict(validation_size=200)  # the `trained` fixture's config: tiny_config(**TRAINED)
 
 
 def like_state(config=None):
@@ -263,20 +266,20 @@ def test_empty_or_all_damaged_checkpoints(trained, tmp_path):
 
 
 def test_checkpoint_config_refuses_another_run_without_config_json(trained, tmp_path):
-    assert runs.checkpoint_config(trained) == (20, runs.jsonable_config(tiny_config().to_dict()))
+    assert runs.checkpoint_config(trained) == (20, runs.jsonable_config(tiny_config(**TRAINED).to_dict()))
     run_dir = copy_run(trained, tmp_path)
     os.remove(os.path.join(run_dir, runs.CONFIG))
     metrics = open(os.path.join(run_dir, runs.METRICS)).read()
     with pytest.raises(ValueError, match=r"checkpoint step 20 has a different config \(beta: 1.0 → 2.0\); "
                                          r"use a new --workdir") as e:
-        train.train_and_evaluate(tiny_config(beta=2.0), run_dir)
+        train.train_and_evaluate(tiny_config(**TRAINED, beta=2.0), run_dir)
     assert "\n" not in str(e.value)
     assert not os.path.exists(os.path.join(run_dir, runs.CONFIG))  # refused before writing anything
     assert open(os.path.join(run_dir, runs.METRICS)).read() == metrics
     # Changes that keep the run (RESUMABLE_CHANGES) are allowed; the same config resumes.
-    runs.check_config(run_dir, tiny_config(eval_every=5, keep_checkpoints=4).to_dict())
-    rows = train.train_and_evaluate(tiny_config(), run_dir)
-    assert {r["split"] for r in rows} == {"train", "test"} and runs.read_config(run_dir).beta == 1.0
+    runs.check_config(run_dir, tiny_config(**TRAINED, eval_every=5, keep_checkpoints=4).to_dict())
+    rows = train.train_and_evaluate(tiny_config(**TRAINED), run_dir)
+    assert {r["split"] for r in rows} == {"train", "valid", "test"} and runs.read_config(run_dir).beta == 1.0
 
 
 def test_checkpoints_without_metrics_are_refused(trained, tmp_path):
@@ -287,12 +290,12 @@ def test_checkpoints_without_metrics_are_refused(trained, tmp_path):
         steps = sorted(os.listdir(os.path.join(run_dir, runs.CHECKPOINTS)))
         with pytest.raises(ValueError, match=rf"checkpoints up to step 20 but its metrics.jsonl is {damage}.*"
                                              rf"restore metrics.jsonl, or move .*checkpoints aside") as e:
-            train.train_and_evaluate(tiny_config(), run_dir)
+            train.train_and_evaluate(tiny_config(**TRAINED), run_dir)
         assert "\n" not in str(e.value)
         assert sorted(os.listdir(os.path.join(run_dir, runs.CHECKPOINTS))) == steps  # nothing touched
         assert os.path.exists(path) == (damage == "empty")
         with pytest.raises(ValueError, match=f"is {damage}"):  # what the launcher checks first
-            runs.check_config(run_dir, tiny_config().to_dict())
+            runs.check_config(run_dir, tiny_config(**TRAINED).to_dict())
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import logging as pylogging
 import os
 import re
 import runpy
+import signal
 import sys
 import threading
 import traceback
@@ -43,6 +44,22 @@ def one_line(e: BaseException) -> str:
     """The exception's message on one line (its type name if it has none)."""
     text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
     return text[1:-1] if isinstance(e, KeyError) and text[:1] == text[-1:] == "'" else text
+
+
+_TRACEBACK_END = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def child_error(log_text: str, returncode: int, log_path: str) -> str:
+    """One line for a failed child process (launchers' tables): its last ``error: ...`` line
+    (this module's one-line errors), else its traceback's last line, else its last line; then
+    how it ended and where its log is."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    message = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")), None)
+    if message is None:
+        message = next((line for line in reversed(lines) if _TRACEBACK_END.match(line)),
+                       lines[-1] if lines else "")
+    how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit {returncode}"
+    return f"{message[:240]} ({how}; log {log_path})" if message else f"({how}; log {log_path})"
 
 
 def _traceback_wanted(argv: Sequence[str] | None = None) -> bool:
