@@ -68,6 +68,12 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """{"mean", "min", "max"} of ``values`` (e.g. one metric over seeds)."""
+    v = np.asarray(list(values), np.float64)
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
+
+
 def read_json(path: str) -> dict:
     """The JSON object in ``path``; {} if the file is missing, unreadable or not an object."""
     try:

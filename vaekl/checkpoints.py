@@ -204,11 +204,7 @@ class LocalManager:
         return True
 
     def _apply_policy(self) -> None:
-        steps = self.all_steps()
-        keep = set(steps[-self.keep:]) | ({self.best_step()} - {None})
-        for s in steps:
-            if s not in keep:
-                self.delete(s)
+        prune(self, self.keep)
 
     def restore(self, step: int, args: ocp.args.StandardRestore) -> Any:
         """The state saved at ``step`` in the structure of ``args.item`` (ShapeDtypeStructs
@@ -282,6 +278,16 @@ def checksum(state: Any) -> str:
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def prune(mgr: Manager, keep: int) -> None:
+    """Deletes every checkpoint but the ``keep`` latest and the best (the keep policy; orbax
+    applies it only when it saves, so a kill right after a save can leave more behind)."""
+    steps = sorted(mgr.all_steps())
+    kept = set(steps[-keep:]) | ({mgr.best_step()} - {None})
+    for s in steps:
+        if s not in kept:
+            mgr.delete(s)
 
 
 def save(mgr: Manager, step: int, state: Any, valid_neg_elbo: float | None,

@@ -405,16 +405,6 @@ def _drop_uncommitted(m: Member) -> None:
         m.mgr.delete(s)
 
 
-def _prune(m: Member) -> None:
-    """Deletes the checkpoints beyond the ``keep_checkpoints`` latest and the best, which a kill
-    right after a save can leave behind (orbax prunes only when it saves)."""
-    steps = sorted(m.mgr.all_steps())
-    keep = set(steps[-m.config.keep_checkpoints:]) | {m.mgr.best_step()}
-    for s in steps:
-        if s not in keep:
-            m.mgr.delete(s)
-
-
 def _restore_start(members: list[Member]) -> int | None:
     """The common step to resume the group from (None: start afresh), made consistent.
 
@@ -607,7 +597,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
         m.log.truncate(-1 if start is None else start)
         m.restart_tensorboard()
         if start is not None:
-            _prune(m)
+            checkpoints.prune(m.mgr, m.config.keep_checkpoints)
         if len(m.group) == 1 and os.path.exists(os.path.join(m.workdir, GROUP_COMMIT)):
             os.remove(os.path.join(m.workdir, GROUP_COMMIT))  # now a run on its own
         member_states.append(pad_like(state, template))

@@ -54,6 +54,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from vaekl import analysis
 from vaekl import config as config_lib
 from vaekl import objectives
 from vaekl import runs as runs_lib
@@ -163,10 +164,6 @@ def compare(eigenvalues: np.ndarray, sigma2: float, beta: float, k: int, row: di
             "kl": float(row["kl"]), "kl_theory": float(th["kl_per_dim"].sum())}
 
 
-def _spread(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
-
-
 def summary(records: list[dict]) -> dict:
     """The spread over seeds for each (β, k), and totals over every run.
 
@@ -181,11 +178,11 @@ def summary(records: list[dict]) -> dict:
     for (beta, k), rs in sorted(groups.items()):
         clear = [r["max_abs_err_clear"] for r in rs if r["max_abs_err_clear"] is not None]
         rows.append({"beta": beta, "latent_dim": k, "seeds": [r["seed"] for r in rs],
-                     "max_abs_err": _spread([r["max_abs_err"] for r in rs]),
-                     "max_abs_err_clear": _spread(clear) if clear else None,
-                     "max_abs_err_au_variance": _spread([r["max_abs_err_au_variance"] for r in rs]),
+                     "max_abs_err": analysis.spread([r["max_abs_err"] for r in rs]),
+                     "max_abs_err_clear": analysis.spread(clear) if clear else None,
+                     "max_abs_err_au_variance": analysis.spread([r["max_abs_err_au_variance"] for r in rs]),
                      "collapsed_exact": sum(r["collapsed_exact"] for r in rs),
-                     "kl": _spread([r["kl"] for r in rs]), "kl_theory": rs[0]["kl_theory"]})
+                     "kl": analysis.spread([r["kl"] for r in rs]), "kl_theory": rs[0]["kl_theory"]})
     clear = [r["max_abs_err_clear"] for r in records if r["max_abs_err_clear"] is not None]
     return {"runs": len(records), "seeds": sorted({r["seed"] for r in records}),
             "max_abs_err_clear": max(clear) if clear else None,

@@ -100,11 +100,6 @@ def linear(runs: str, out: str) -> dict | None:
     return result
 
 
-def _spread(values) -> dict:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
-
-
 def rate_distortion(runs: str, out: str) -> dict | None:
     """Final test rate R = KL and distortion D = reconstruction NLL per β, for each seed.
 
@@ -132,10 +127,10 @@ def rate_distortion(runs: str, out: str) -> dict | None:
     betas = sorted(float(b) for b in f.beta.unique())
     by_beta = {b: f[np.isclose(f.beta, b)] for b in betas}
     result = {"seeds": seeds, "beta": betas,
-              "rate": [_spread(g.kl) for g in by_beta.values()],
-              "distortion": [_spread(g.recon) for g in by_beta.values()],
-              "neg_elbo": [_spread(g.kl + g.recon) for g in by_beta.values()],
-              "beta1_neg_elbo": _spread([p["beta1_neg_elbo"] for p in per_seed.values()]),
+              "rate": [analysis.spread(g.kl) for g in by_beta.values()],
+              "distortion": [analysis.spread(g.recon) for g in by_beta.values()],
+              "neg_elbo": [analysis.spread(g.kl + g.recon) for g in by_beta.values()],
+              "beta1_neg_elbo": analysis.spread([p["beta1_neg_elbo"] for p in per_seed.values()]),
               "rate_decreasing": sum(p["rate_decreasing"] for p in per_seed.values()),
               "distortion_increasing": sum(p["distortion_increasing"] for p in per_seed.values()),
               "beta1_lowest_neg_elbo": sum(p["beta1_lowest_neg_elbo"] for p in per_seed.values()),
@@ -189,8 +184,8 @@ def collapse(runs: str, out: str) -> dict | None:
                 d_au.append(a1 - a0)
                 d_inf.append(i1 - i0)
                 moved.append(max(abs(a1 - a0), abs(i1 - i0)))
-            per_k.append({"latent_dim": k, "active_units": _spread(au), "informative_dims": _spread(inf),
-                          "kl": _spread(kls), "seeds": len(au),
+            per_k.append({"latent_dim": k, "active_units": analysis.spread(au), "informative_dims": analysis.spread(inf),
+                          "kl": analysis.spread(kls), "seeds": len(au),
                           "active_units_change_last_eval": d_au, "informative_dims_change_last_eval": d_inf})
         steps = sorted(test.step.unique())
         result[name] = {"minutes": wall_minutes(*_sweep_runs(sweep)), "per_k": per_k,
