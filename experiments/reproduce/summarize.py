@@ -3,7 +3,7 @@ r"""Turns the reproduction runs into results.json files and figures, and the REA
     python -m experiments.reproduce.summarize --runs=runs --out=docs/reproductions
 
 Reads (each optional; missing ones are reported and left out):
-  runs/iwae_vae/eval.json + config.json        IWAE Table 1, VAE row
+  runs/iwae_vae/<run>/eval.json + config.json  IWAE Table 1, VAE row (a sweep over seeds)
   runs/linear_vae/results.json                 linear VAE vs pPCA theory
   runs/rate_distortion/                        β sweep on MNIST
   runs/collapse_mnist/, runs/collapse_fashion/ k sweeps at β = 1
@@ -63,19 +63,33 @@ def _save(out: str, name: str, result: dict, fig=None) -> None:
 
 
 def iwae(runs: str, out: str) -> dict | None:
-    run = os.path.join(runs, "iwae_vae")
-    if not os.path.exists(os.path.join(run, "eval.json")):
+    """The IWAE VAE row over seeds: RUNS/iwae_vae is a sweep (``--sweep='seed=0,1'``) whose
+    runs each have an eval.json from ``experiments.evaluate`` (their validation-selected
+    checkpoint, test NLL with K importance samples); mean (min–max) over seeds."""
+    sweep = os.path.join(runs, "iwae_vae")
+    if not os.path.isdir(sweep):
         return None
-    ev = json.load(open(os.path.join(run, "eval.json")))
-    cfg = json.load(open(os.path.join(run, "config.json")))
-    epochs = ev["step"] * cfg["batch_size"] / 24345
-    result = {"published_nll": 86.76, "published_active_units": 19, "nll": ev["nll"], "K": ev["num_samples"],
-              "neg_elbo": ev["neg_elbo"], "active_units": ev["active_units"], "steps": ev["step"],
-              "epochs": epochs, "train_images": 24345, "validation_size": cfg.get("validation_size", 0),
-              "train_minutes": wall_minutes(run), "eval_minutes": wall_minutes(run, end_file="eval.json")
-              - wall_minutes(run),
+    run_dirs = sorted(d for d in _sweep_runs(sweep) if os.path.exists(os.path.join(d, "eval.json")))
+    if not run_dirs:
+        return None
+    evals = [json.load(open(os.path.join(d, "eval.json"))) for d in run_dirs]
+    cfgs = [json.load(open(os.path.join(d, "config.json"))) for d in run_dirs]
+    train_images = 24345 - cfgs[0].get("validation_size", 0)
+    per_seed = [{"seed": c["seed"], "nll": e["nll"], "nll_se": e.get("nll_se"), "neg_elbo": e["neg_elbo"],
+                 "active_units": e["active_units"], "step": e["step"]} for c, e in zip(cfgs, evals)]
+    num_steps = cfgs[0]["num_steps"]
+    epochs = num_steps * cfgs[0]["batch_size"] / train_images
+    result = {"published_nll": 86.76, "published_active_units": 19, "K": evals[0]["num_samples"],
+              "seeds": len(per_seed), "per_seed": per_seed,
+              "nll": analysis.spread(p["nll"] for p in per_seed),
+              "neg_elbo": analysis.spread(p["neg_elbo"] for p in per_seed),
+              "active_units": analysis.spread(p["active_units"] for p in per_seed),
+              "num_steps": num_steps, "epochs": epochs, "train_images": train_images,
+              "validation_size": cfgs[0].get("validation_size", 0),
+              "train_minutes": wall_minutes(*run_dirs),
+              "eval_minutes": wall_minutes(*run_dirs, end_file="eval.json") - wall_minutes(*run_dirs),
               "note": f"{epochs:.0f} of the paper's 3,280 epochs (its 8-stage schedule compressed), "
-                      f"24,345 training images instead of 60,000; active units on the test set"}
+                      f"{train_images:,} training images instead of 60,000; active units on the test set"}
     _save(out, "iwae_vae", result)
     return result
 
@@ -247,15 +261,22 @@ def table(results: dict) -> str:
             "|---|---|---|---|---|---|---|"]
     if results.get("iwae"):
         r = results["iwae"]
-        selection = (f"checkpoint chosen on {r['validation_size']} held-out training images"
-                     if r.get("validation_size") else
-                     "one seed, run before the validation split: its checkpoint was chosen on the test set "
-                     "(the config now holds out 400 training images for that)")
-        rows.append(f"| IWAE Table 1, VAE k=1 (Burda et al. 2016) | NLL 86.76, 19 AU | NLL {r['nll']:.2f} "
-                    f"(K={r['K']}), −ELBO {r['neg_elbo']:.2f}, {r['active_units']} AU | "
-                    f"`experiments/reproduce/iwae_vae_k1.py` + `experiments.evaluate` | MNIST, 24,345 train "
-                    f"images | {r['train_minutes']:.0f} min train + {r['eval_minutes']:.0f} min eval | {r['note']}; "
-                    f"{selection} |")
+        if isinstance(r["nll"], dict):
+            nll, elbo, au = r["nll"], r["neg_elbo"], r["active_units"]
+            ours = (f"NLL {nll['mean']:.2f} ({nll['min']:.2f}–{nll['max']:.2f}) (K={r['K']}), −ELBO "
+                    f"{elbo['mean']:.2f} ({elbo['min']:.2f}–{elbo['max']:.2f}), AU {au['mean']:g} "
+                    f"({au['min']:g}–{au['max']:g})")
+            selection = (f"mean (min–max) over {r['seeds']} seeds; each checkpoint chosen by −ELBO on "
+                         f"{r['validation_size']} held-out training images, the test set binarized once "
+                         f"(fixed draw) for every seed")
+        else:  # a single-seed result written before the validation split
+            ours = f"NLL {r['nll']:.2f} (K={r['K']}), −ELBO {r['neg_elbo']:.2f}, {r['active_units']} AU"
+            selection = ("one seed, run before the validation split: its checkpoint was chosen on the test set "
+                         "(the config now holds out 400 training images for that)")
+        rows.append(f"| IWAE Table 1, VAE k=1 (Burda et al. 2016) | NLL 86.76, 19 AU | {ours} | "
+                    f"`experiments/reproduce/iwae_vae_k1.py` + `experiments.evaluate` | MNIST, "
+                    f"{r['train_images']:,} train images | {r['train_minutes']:.0f} min train + "
+                    f"{r['eval_minutes']:.0f} min eval | {r['note']}; {selection} |")
     if results.get("linear"):
         r = results["linear"]
         per, st = r["per_beta_k"], r["settings"]
