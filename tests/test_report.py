@@ -353,6 +353,13 @@ def test_locatello_summary_from_a_fake_study(tmp_path):
     row = ls.readme_row(r)
     assert row.startswith("| Locatello et al. 2019 study (dSprites, CPU-sized) |") and row.count(" | ") == 6
     assert "125 s per model per 1,000 steps in steady state (625 with start-up)" in row
+    # Evaluation cost: each eval.json's own eval_seconds once every run has one (evaluations may
+    # run beside training, so timing.txt's wall time would not count them).
+    for run, ev in evals.items():
+        with open(os.path.join(run, "eval.json"), "w") as f:
+            json.dump(dict(ev, eval_seconds=7.0 + ("seed=1" in run)), f)
+    c = ls.summarize(runs, out)["cost"]
+    assert c["eval_seconds_per_model"] == pytest.approx(7.5) and c["eval_source"].startswith("eval.json")
 
 
 def test_locatello_figures_and_runs_directly_under_the_directory(tmp_path):
@@ -402,6 +409,29 @@ def test_summarize_keeps_rows_whose_runs_are_absent(tmp_path):
     assert again["iwae"] == iwae and again["locatello"]["methods"].keys() == {"beta_vae"}
     with pytest.raises(ValueError, match="unknown results"):
         summarize.collect(str(tmp_path / "no_runs"), out, ["locatelo"])
+
+
+def test_iwae_row_over_seeds(tmp_path):
+    """RUNS/iwae_vae as a sweep over seeds: mean (min–max) of NLL, −ELBO and AU, the
+    validation split named, epochs counted on the training images left."""
+    from experiments.reproduce import summarize  # pylint: disable=g-import-not-at-top
+    runs, out = tmp_path / "runs", str(tmp_path / "out")
+    os.makedirs(out)
+    for seed, nll, au in ((0, 91.0, 23), (1, 92.0, 25)):
+        run = runs / "iwae_vae" / f"seed={seed}"
+        os.makedirs(run)
+        config = {"seed": seed, "num_steps": 23945, "batch_size": 20, "validation_size": 400}
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "samples.png").write_text("x")
+        (run / "eval.json").write_text(json.dumps({"nll": nll, "nll_se": 0.5, "neg_elbo": nll + 5,
+                                                   "active_units": au, "step": 20000, "num_samples": 5000}))
+    r = summarize.iwae(str(runs), out)
+    assert r["seeds"] == 2 and r["epochs"] == pytest.approx(20.0) and r["train_images"] == 23945
+    assert r["nll"] == {"mean": 91.5, "min": 91.0, "max": 92.0} and r["active_units"]["max"] == 25
+    row = summarize.table({"iwae": r})
+    assert "NLL 91.50 (91.00–92.00) (K=5000), −ELBO 96.50 (96.00–97.00), AU 24 (23–25)" in row
+    assert "over 2 seeds" in row and "400 held-out training images" in row and "23,945 train images" in row
+    assert json.load(open(os.path.join(out, "iwae_vae.json")))["per_seed"][1]["nll"] == 92.0
 
 
 @pytest.fixture(scope="module")

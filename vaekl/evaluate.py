@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -283,10 +284,12 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     errors ``<name>_se`` for this test set. The batch metrics of training (every declared
     metric, :mod:`vaekl.metrics`) are recomputed on the test set too. On a dataset with
     ground-truth factors (dSprites) eval.json gains a ``disentanglement`` object
-    (:func:`disentanglement_scores`, with ``disentanglement=True``).
+    (:func:`disentanglement_scores`, with ``disentanglement=True``). ``eval_seconds``: the
+    wall time of this evaluation, compilation included.
     """
     if num_draws < 2:
         raise ValueError(f"num_draws must be at least 2 (for the standard errors), got {num_draws}")
+    started = time.perf_counter()
     config = load_config(workdir)
     ds = data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
                    seed=config.data_seed)
@@ -323,5 +326,6 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
         result["disentanglement"] = disentanglement_scores(ds, graphdef, state.params, seed, dci_model,
                                                            options=metric_options)
         result["disentanglement_options"] = metric_options or {}
+    result["eval_seconds"] = time.perf_counter() - started  # this run's evaluation, wall time
     runs.atomic_write(os.path.join(workdir, runs.EVAL), json.dumps(result, indent=2))
     return result

@@ -201,9 +201,10 @@ def unrolled_scan(f, init, xs, length: int | None = None):
 def steps_per_call(config: ml_collections.ConfigDict) -> int:
     """How many training steps one compiled call takes (0: a whole logging interval in one
     rolled ``lax.scan``). ``config.steps_per_call = 0`` picks automatically: one step per call
-    for conv models on the CPU, where XLA runs convolutions inside a while loop ~10× slower than
-    outside one (measured on the 64×64 conv VAE: 0.19 s per step unrolled against 2.9 s in a
-    scan); unrolling more steps per call only multiplies the compile time; otherwise 0."""
+    for conv models on the CPU, where XLA runs convolutions inside a while loop ~20× slower than
+    outside one (the 64×64 conv VAE on one core: 0.23 s per step without a loop, 5.3 s in a
+    one-trip loop, see :func:`unrolled_scan`); unrolling more steps per call only multiplies the
+    compile time; otherwise 0."""
     if config.steps_per_call:
         return int(config.steps_per_call)
     return 1 if config.model == "conv" and jax.default_backend() == "cpu" else 0

@@ -132,7 +132,7 @@ def read_run(method: str, run_dir: str, runs_dir: str) -> dict:
     rec = {"method": method, "run": os.path.relpath(run_dir, runs_dir), "strength_field": field,
            "strength": _float(config.get(field)), "seed": config.get("seed"),
            "steps": int(ev.get("step", last.get("step", 0)) or 0), "num_steps": config.get("num_steps"),
-           "evaluated": bool(dis), "kl_source": source,
+           "evaluated": bool(dis), "kl_source": source, "eval_seconds": _float(ev.get("eval_seconds")),
            **{k: dis.get(key) for k, key in SCORES.items()}, "disentanglement": dis,
            "disentanglement_options": ev.get("disentanglement_options")}
     for k in ("kl", *KL_SPLIT, "neg_elbo", "recon", "nll", "active_units"):
@@ -214,13 +214,18 @@ def cost(runs_dir: str, records: Sequence[dict]) -> dict:
     steady = [x for x in (steady_seconds_per_1k_steps(os.path.join(runs_dir, r["run"])) for r in records)
               if x is not None]
     eval_s = timing.get("eval_seconds")
+    own = [r["eval_seconds"] for r in records if r.get("eval_seconds") is not None]
+    eval_per_model = (float(np.mean(own)) if own and len(own) == models else
+                      eval_s / models if models and eval_s is not None else None)
     return {"source": source, "models": models, "steps_per_model": steps,
             "steady_seconds_per_model_per_1k_steps": float(np.median(steady)) if steady else None,
             "steady_source": f"TensorBoard event times of {len(steady)} run(s): the fastest interval between "
                              "logged training steps",
             "train_seconds": timing["train_seconds"], "eval_seconds": timing.get("eval_seconds"),
             "seconds_per_model_per_1k_steps": per_model / (steps / 1000) if steps else float("nan"),
-            "eval_seconds_per_model": eval_s / models if models and eval_s is not None else None,
+            "eval_seconds_per_model": eval_per_model,
+            "eval_source": ("eval.json's eval_seconds, mean over runs" if own and len(own) == models
+                            else "timing.txt / models"),
             "note": "wall time on this machine including start-up and compilation, which dominate short runs"}
 
 
@@ -581,7 +586,8 @@ def readme_row(result: dict) -> str:
     seeds = sorted({len(m["seeds"]) for m in methods.values()})
     steps = f"{c['steps_per_model']:,.0f}"
     train_min = c["train_seconds"] / 60 if c["train_seconds"] is not None else None
-    eval_min = c["eval_seconds"] / 60 if c.get("eval_seconds") is not None else None
+    eval_min = (c["eval_seconds_per_model"] * c["models"] / 60 if c.get("eval_seconds_per_model") is not None
+                else None)  # summed over models (evaluations may run beside training)
     pub = PUBLISHED["lin2020"]["values"]
     published = (f"FactorVAE score {pub['factor_vae_score']['factor_vae']} for FactorVAE; MIG "
                  f"{pub['mig']['beta_tc_vae']} β-TCVAE, {pub['mig']['beta_vae']} β-VAE (Lin et al. 2020's table); "

