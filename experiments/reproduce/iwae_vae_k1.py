@@ -6,8 +6,13 @@ decoder's output bias started at the logit of the training mean. The authors' re
 code: batch 20, 3,280 epochs in 8 stages of 3^i epochs (i = 0..7) with the learning rate
 1e-3 · 10^(−i/7), Adam with ε = 1e-4 and β1 = 0.99. NLL with K = 5000 importance samples.
 
-    python -m experiments.train --config=experiments/reproduce/iwae_vae_k1.py --workdir=runs/iwae_vae
+    python -m launch.sweep --config=experiments/reproduce/iwae_vae_k1.py --config.num_steps=300000 \
+        --sweep='seed=0,1' --max_group=2 --workdir=runs/iwae_vae    # both seeds in one program
     python -m experiments.evaluate --workdir=runs/iwae_vae --num_samples=5000
+    python -m experiments.reproduce.summarize --only=iwae
+
+(``--max_group=2``: the planner's memory estimate, which counts evaluation tables of
+``eval_batch_size`` = 1,000, would otherwise train the seeds one after the other.)
 
 Data: the .npz from $VAEKL_MNIST_NPZ or --config.data_dir (e.g. shared/data/mnist_partial.npz (the first 24,345 MNIST training images
 and the full test set); with the full MNIST prepared for TFDS use
