@@ -339,6 +339,9 @@ def test_locatello_summary_from_a_fake_study(tmp_path):
     assert seed["seed_variance"] == pytest.approx(np.mean([np.var(g, ddof=1) for g in groups]))
     assert seed["config_variance"] == pytest.approx(np.var([np.mean(g) for g in groups], ddof=1))
     assert seed["status"] == "not supported"  # seeds move the made-up MIG by 0.002 only
+    assert r["claims"]["locatello2019"]["caveat"] is None  # best median MIG 0.2: informative
+    low = {m: dict(v, mig=dict(v["mig"], median=0.03)) for m, v in r["methods"].items()}
+    assert not ls.informative(low)["informative"] and ls.claims(r["runs"], low)["locatello2019"]["caveat"]
     # The KL view: the per-dimension terms add up to each dimension's KL; TC grows 0.25 per unit.
     view = r["kl_view"]["beta_vae"]
     d = view["per_dim"]["strongest"]

@@ -59,6 +59,8 @@ MATCH_TOLERANCE = 0.05
 # "The seed matters about as much as the method and strength": the variance across seeds within a
 # (method, strength) is at least this fraction of the variance of the (method, strength) means.
 SEED_RATIO = 0.5
+# Below this best median MIG no method has begun to disentangle (scores near chance).
+INFORMATIVE_MIG = 0.1
 PUBLISHED = {
     "chen2018": {
         "source": "Chen et al. 2018 (β-TCVAE paper), dSprites",
@@ -347,15 +349,29 @@ def seed_vs_config(records: Sequence[dict], score: str) -> dict:
             "seeds_per_group": sorted({len(v) for v in groups.values()})}
 
 
+def informative(methods: dict[str, dict]) -> dict:
+    """Whether the runs have begun to disentangle: some method's median MIG ≥ INFORMATIVE_MIG.
+    Below it every score is near chance, and seed-vs-method comparisons compare noise."""
+    medians = [m["mig"]["median"] for m in methods.values() if m.get("mig", {}).get("median") is not None]
+    best = max(medians) if medians else None
+    return {"best_median_mig": best, "threshold": INFORMATIVE_MIG,
+            "informative": best is not None and best >= INFORMATIVE_MIG}
+
+
 def claims(records: Sequence[dict], methods: dict[str, dict]) -> dict:
     """Each published reference, marked as what it is, with what our runs say about it."""
+    info = informative(methods)
+    caveat = (None if info["informative"] else
+              f"no method's median MIG reaches {INFORMATIVE_MIG} (best "
+              f"{_num(info['best_median_mig'])}): the models have not begun to disentangle, so the seed and "
+              "(method, strength) differences are mostly noise and this comparison is not evidence either way")
     return {
         "chen2018": {**PUBLISHED["chen2018"], "ours": chen2018(records)},
         "lin2020": {**PUBLISHED["lin2020"], "ours": lin2020(methods)},
         "locatello2019": {**PUBLISHED["locatello2019"],
                           "ours": {k: seed_vs_config(records, k) for k in SCORES},
                           "rule": f"supported when the seed variance is ≥ {SEED_RATIO} × the variance of the "
-                                  "(method, strength) means"},
+                                  "(method, strength) means", "informative": info, "caveat": caveat},
     }
 
 
@@ -565,7 +581,8 @@ def claim_lines(c: dict) -> list[str]:
         else:
             parts.append(f"{SCORE_TITLES[score]}: seed variance {r['seed_variance']:.2g} vs (method, strength) "
                          f"variance {r['config_variance']:.2g}, ratio {r['ratio']:.2f}, **{r['status']}**")
-    out.append(f"{loc['source']} ({loc['kind']}): {loc['claim']}. " + "; ".join(parts) + f" ({loc['rule']}).")
+    out.append(f"{loc['source']} ({loc['kind']}): {loc['claim']}. " + "; ".join(parts) + f" ({loc['rule']})."
+               + (f" **Caveat:** {loc['caveat']}." if loc.get("caveat") else ""))
     return out
 
 
@@ -582,6 +599,9 @@ def readme_row(result: dict) -> str:
     loc = cl["locatello2019"]["ours"]["mig"]
     seed = (f"seed/(method, strength) variance of MIG {loc['ratio']:.2f}: {loc['status']}"
             if "ratio" in loc else f"seed vs method: {loc['status']}")
+    if cl["locatello2019"].get("caveat"):
+        seed += (f" but uninformative (best median MIG {_num(cl['locatello2019']['informative']['best_median_mig'])}"
+                 f" < {INFORMATIVE_MIG}: not yet disentangling)")
     strengths = sorted({len(m["strengths"]) for m in methods.values()})
     seeds = sorted({len(m["seeds"]) for m in methods.values()})
     steps = f"{c['steps_per_model']:,.0f}"
