@@ -1,5 +1,5 @@
 """Benchmark: one training step of the Locatello et al. conv VAE (64×64 dSprites, batch 64) as
-the trainer compiles it on the CPU (``train.unrolled_scan``, no loop) against the same step inside
+the trainer compiles it on the CPU (``train.scan``, no loop) against the same step inside
 ``lax.scan``'s one-trip while loop, seconds per step side by side in one run.
 
     python benchmarks/bench_conv_step.py [--repeats 5] [--method beta_vae]
@@ -41,7 +41,7 @@ def main() -> None:
     step = functools.partial(train.train_step, arrays=arrays, hp=hp, key=jax.random.key(0), latent_mask=None,
                              graphdef=graphdef, tx=tx, cfg=cfg)
     body = lambda s, _: step(s)
-    variants = {"unrolled_scan (trainer)": jax.jit(lambda s: train.unrolled_scan(body, s, None, length=1)[0]),
+    variants = {"train.scan (trainer)": jax.jit(lambda s: train.scan(body, s, None, length=1)[0]),
                 "lax.scan, one-trip loop": jax.jit(lambda s: jax.lax.scan(body, s, None, length=1, unroll=True)[0])}
     times = {}
     for name, fn in variants.items():

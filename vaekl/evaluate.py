@@ -74,8 +74,7 @@ def iwae_log_likelihood(model: VAE, x: jax.Array, key: jax.Array, num_samples: i
         return (m_new, s), None
 
     init = (jnp.full(x.shape[0], -jnp.inf), jnp.zeros(x.shape[0]))
-    scan = train.unrolled_scan if n_chunks == 1 else jax.lax.scan  # no one-trip loop (slow convs on CPU)
-    (m, s), _ = scan(body, init, jnp.arange(n_chunks))
+    (m, s), _ = train.scan(body, init, jnp.arange(n_chunks))
     return m + jnp.log(s) - math.log(num_samples)
 
 

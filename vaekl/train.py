@@ -180,22 +180,19 @@ def run_steps(state: TrainState, arrays, hp: dict, key: jax.Array, latent_mask: 
     (state, per-step metrics [n])."""
     step = functools.partial(train_step, arrays=arrays, hp=hp, key=key, latent_mask=latent_mask,
                              graphdef=graphdef, tx=tx, cfg=cfg)
-    scan = unrolled_scan if unroll else jax.lax.scan
-    return scan(lambda s, _: step(s), state, None, length=num_steps)
+    return scan(lambda s, _: step(s), state, None, length=num_steps, unroll=unroll)
 
 
-def unrolled_scan(f, init, xs, length: int | None = None):
-    """``lax.scan(f, init, xs, length)`` written out step by step, with no while loop.
-
-    ``lax.scan(..., unroll=length)`` still emits a one-trip while loop when ``length`` is 1,
-    and XLA:CPU runs the convolutions inside it ~20× slower (the 64×64 conv VAE's step: 5.3 s
-    in the loop, 0.23 s outside, one core)."""
+def scan(f, init, xs=None, length: int | None = None, unroll: bool = False):
+    """``lax.scan(f, init, xs, length)``, fully unrolled with ``unroll``, and never a one-trip
+    while loop: ``lax.scan`` keeps one when ``length`` is 1 (even fully unrolled), and XLA:CPU
+    runs the convolutions inside it ~20× slower (the 64×64 conv VAE's step: 5.3 s in the loop,
+    0.23 s outside, one core). ``f`` is traced once either way."""
     n = length if length is not None else jax.tree.leaves(xs)[0].shape[0]
-    carry, outs = init, []
-    for i in range(n):
-        carry, y = f(carry, jax.tree.map(lambda a: a[i], xs))
-        outs.append(y)
-    return carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if n == 1:
+        carry, y = f(init, jax.tree.map(lambda a: a[0], xs))
+        return carry, jax.tree.map(lambda a: jnp.asarray(a)[None], y)
+    return jax.lax.scan(f, init, xs, length=n, unroll=n if unroll else 1)
 
 
 def steps_per_call(config: ml_collections.ConfigDict) -> int:
@@ -203,7 +200,7 @@ def steps_per_call(config: ml_collections.ConfigDict) -> int:
     rolled ``lax.scan``). ``config.steps_per_call = 0`` picks automatically: one step per call
     for conv models on the CPU, where XLA runs convolutions inside a while loop ~20× slower than
     outside one (the 64×64 conv VAE on one core: 0.23 s per step without a loop, 5.3 s in a
-    one-trip loop, see :func:`unrolled_scan`); unrolling more steps per call only multiplies the
+    one-trip loop, see :func:`scan`); unrolling more steps per call only multiplies the
     compile time; otherwise 0."""
     if config.steps_per_call:
         return int(config.steps_per_call)
@@ -225,8 +222,8 @@ def batched_map(fn, x: jax.Array, batch_size: int):
     nb = -(-n // bs)
     xp = jnp.concatenate([x, jnp.zeros((nb * bs - n, *x.shape[1:]), x.dtype)])
     unroll = jax.default_backend() == "cpu" and nb <= CPU_UNROLL_BATCHES
-    scan = unrolled_scan if unroll else jax.lax.scan
-    _, out = scan(lambda c, a: (c, fn(*a)), None, (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)))
+    _, out = scan(lambda c, a: (c, fn(*a)), None, (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)),
+                  unroll=unroll)
     return jax.tree.map(lambda a: a.reshape(nb * bs, *a.shape[2:])[:n], out)
 
 
