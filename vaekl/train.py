@@ -204,7 +204,39 @@ def steps_per_call(config: ml_collections.ConfigDict) -> int:
     compile time; otherwise 0."""
     if config.steps_per_call:
         return int(config.steps_per_call)
-    return 1 if config.model == "conv" and jax.default_backend() == "cpu" else 0
+    return 1 if _conv_on_cpu(config) else 0
+
+
+def _conv_on_cpu(config: ml_collections.ConfigDict) -> bool:
+    return config.model == "conv" and jax.default_backend() == "cpu"
+
+
+def member_mode(config: ml_collections.ConfigDict) -> str:
+    """How a group's members share one compiled program: 'vmap' (batched over the run axis),
+    or 'sequential' for conv models on the CPU, where vmapped convolutions become grouped
+    convolutions that XLA:CPU runs ~4× slower per member; there the members' steps are
+    unrolled one after another inside the program (:func:`run_map`)."""
+    return "sequential" if _conv_on_cpu(config) else "vmap"
+
+
+def run_map(fn: Callable, in_axes: tuple, mode: str = "vmap", spmd_axis_name: str | None = None) -> Callable:
+    """``jax.vmap(fn, in_axes)`` over the run axis (axis 0 of the mapped arguments), or with
+    ``mode='sequential'`` the same function computed member by member (each member sliced,
+    ``fn`` applied, the results stacked): one program, no batched convolutions."""
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=spmd_axis_name)
+    if mode != "sequential":
+        raise ValueError(f"unknown member mode {mode!r}; choose 'vmap' or 'sequential'")
+
+    def mapped(*args):
+        sizes = {a.shape[0] for arg, ax in zip(args, in_axes) if ax == 0 for a in jax.tree.leaves(arg)}
+        if len(sizes) != 1:
+            raise ValueError(f"run_map: the mapped arguments disagree on the run axis: sizes {sorted(sizes)}")
+        outs = [fn(*[jax.tree.map(lambda a, i=i: a[i], arg) if ax == 0 else arg
+                     for arg, ax in zip(args, in_axes)]) for i in range(sizes.pop())]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return mapped
 
 
 # ----------------------------------------------------------------------------------------
@@ -756,7 +788,7 @@ class Compiled(NamedTuple):
 
 def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool = True,
                 draw: Callable = data.sample_batch, dataset_size: int | None = None,
-                placement: sharding.Placement | None = None) -> Compiled:
+                placement: sharding.Placement | None = None, members: str | None = None) -> Compiled:
     """jit(vmap(...)) of run_steps and evaluate over the members' state, per-run values ``hp``,
     keys and masks; the training data and the images to evaluate are shared.
 
@@ -772,6 +804,8 @@ def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool =
     if placement is not None and placement.data_axis > 1:
         draw = sharding.shard_batch(draw, placement.batch_sharding)
     spmd = sharding.RUNS if placement is not None else None
+    # A placement shards the run axis over devices: there the members stay vmapped.
+    mode = members or (member_mode(config) if placement is None else "vmap")
 
     def static(arrays):
         n = dataset_size if dataset_size is not None else jax.tree.leaves(arrays)[0].shape[0]
@@ -784,7 +818,7 @@ def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool =
         fn = functools.partial(run_steps, num_steps=num_steps, graphdef=graphdef, tx=tx, cfg=cfg,
                                unroll=unroll)
         if vmapped:
-            fn = jax.vmap(fn, in_axes=(0, None, 0, 0, 0), spmd_axis_name=spmd)
+            fn = run_map(fn, (0, None, 0, 0, 0), mode, spmd)
         return fn(state, arrays, hp, key, latent_mask)
 
     n_eval = dataset_size
@@ -795,7 +829,7 @@ def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool =
                          config.active_units_threshold)
         fn = functools.partial(evaluate, graphdef=graphdef, cfg=cfg)
         if vmapped:
-            fn = jax.vmap(fn, in_axes=(0, None, 0, None, 0, 0), spmd_axis_name=spmd)
+            fn = run_map(fn, (0, None, 0, None, 0, 0), mode, spmd)
         return fn(state, images, hp, step, key, latent_mask)
 
     if placement is None:

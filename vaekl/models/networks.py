@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vaekl.models import conv as conv_lib
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nnx.relu, "tanh": jnp.tanh, "elu": nnx.elu, "gelu": nnx.gelu,
     "softplus": nnx.softplus, "swish": nnx.swish, "linear": lambda x: x,
@@ -84,7 +86,7 @@ class ConvEncoder(nnx.Module):
                  act: str, *, rngs: nnx.Rngs):
         base = _check_conv_size(image_shape, channels)
         ins = [image_shape[-1], *channels[:-1]]
-        self.convs = nnx.List([nnx.Conv(a, b, kernel_size=(4, 4), strides=2, padding="SAME", rngs=rngs)
+        self.convs = nnx.List([Conv(a, b, kernel_size=(4, 4), strides=2, padding="SAME", rngs=rngs)
                                for a, b in zip(ins, channels)])
         self.dense = nnx.Linear(base * base * channels[-1], hidden, rngs=rngs)
         self.act = activation(act)
@@ -99,70 +101,29 @@ class ConvEncoder(nnx.Module):
         return x.reshape(*batch, -1)
 
 
-def _transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
-    """(low, high) padding of the dilated input that ``lax.conv_transpose`` uses."""
-    if padding == "SAME":
-        pad_len = k + s - 2
-        low = k - 1 if s > k - 1 else math.ceil(pad_len / 2)
-    elif padding == "VALID":
-        pad_len = k + s - 2 + max(k - s, 0)
-        low = k - 1
-    else:
-        raise ValueError(f"padding {padding!r} is not supported; use 'SAME' or 'VALID'")
-    return low, pad_len - low
-
-
-def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                   padding: str = "SAME") -> jax.Array:
-    """``lax.conv_transpose(x, kernel, strides, padding)`` (NHWC, HWIO, no kernel flip), computed
-    as s² stride-1 convolutions over the undilated input, one per output phase, interleaved.
-
-    The same function as flax's ConvTranspose, written so that XLA:CPU never builds the
-    input-dilated convolution, for which it falls back to a generic kernel that was ~30× slower
-    than this on a 64×64 decoder layer (XLA:GPU/TPU are fast either way).
-
-    For an output position o = s·m + r along an axis, only the taps t ≡ (pad_low − r) mod s of
-    the kernel meet a non-zero of the dilated input, at input index m + (r + t − pad_low)/s; so
-    phase r is a correlation of x with the kernel's taps t₀, t₀ + s, … .
-    """
-    (h, w), (kh, kw) = x.shape[1:3], kernel.shape[:2]
-    axes = []
-    for n, k, s in ((h, kh, strides[0]), (w, kw, strides[1])):
-        low, high = _transpose_padding(k, s, padding)
-        out = low + (n - 1) * s + 1 + high - k + 1
-        if out % s:
-            raise ValueError(f"conv_transpose: output size {out} is not a multiple of the stride {s}")
-        phases = []
-        for r in range(s):
-            t0 = (low - r) % s
-            taps = len(range(t0, k, s))
-            start = (r + t0 - low) // s          # input index of tap t0 at m = 0
-            m = out // s
-            phases.append((t0, -start, m + taps - 1 - n + start))  # (first tap, pad low, pad high)
-        axes.append((s, out // s, phases))
-    (sh, mh, ph), (sw, mw, pw) = axes
-    rows = []
-    for t0h, lo_h, hi_h in ph:
-        cols = []
-        for t0w, lo_w, hi_w in pw:
-            y = jax.lax.conv_general_dilated(
-                x, kernel[t0h::sh, t0w::sw], (1, 1), [(lo_h, hi_h), (lo_w, hi_w)],
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            cols.append(y)
-        rows.append(jnp.stack(cols, axis=3))           # [B, mh, mw, sw, C]
-    y = jnp.stack(rows, axis=2)                         # [B, mh, sh, mw, sw, C]
-    return y.reshape(x.shape[0], mh * sh, mw * sw, kernel.shape[-1])
-
-
-class ConvTranspose(nnx.ConvTranspose):
-    """flax's ConvTranspose (same parameters, initialisation and function) evaluated by
-    :func:`conv_transpose` (padding 'SAME' or 'VALID', no dilation or mask)."""
+class Conv(nnx.Conv):
+    """flax's Conv (same parameters, initialisation and function) evaluated by
+    :func:`vaekl.models.conv.conv`: on the CPU with a backward pass that avoids XLA:CPU's slow
+    kernels (padding 'SAME' or 'VALID', no dilation, groups or mask)."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         batch = inputs.shape[:-3]
         x = inputs.reshape(-1, *inputs.shape[-3:])
-        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-        y = conv_transpose(x, self.kernel[...], strides, self.padding)
+        y = conv_lib.conv(x, self.kernel[...], self.strides, self.padding)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.reshape(*batch, *y.shape[1:])
+
+
+class ConvTranspose(nnx.ConvTranspose):
+    """flax's ConvTranspose (same parameters, initialisation and function) evaluated by
+    :func:`vaekl.models.conv.conv_transpose`: on the CPU by phases, never XLA:CPU's
+    input-dilated convolution (padding 'SAME' or 'VALID', no dilation or mask)."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        batch = inputs.shape[:-3]
+        x = inputs.reshape(-1, *inputs.shape[-3:])
+        y = conv_lib.conv_transpose(x, self.kernel[...], self.strides, self.padding)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.reshape(*batch, *y.shape[1:])

@@ -1,0 +1,101 @@
+"""vaekl.models.conv: the CPU formulation of strided convolutions and their transposes equals
+XLA's native ops in values and gradients (float32 tolerance), and groups of conv models
+computed member by member equal vmapped ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vaekl import train
+from vaekl.models import conv as conv_lib
+from vaekl.models import networks
+
+# (side, kernel, stride, in channels, out channels): the models' 4×4 stride-2 layers, the
+# small-output-channel weight gradient (< SMALL_OUT_CHANNELS), other kernels and strides.
+CASES = [(8, 4, 2, 3, 5), (8, 4, 2, 3, 1), (8, 2, 2, 3, 1), (12, 6, 3, 2, 4), (8, 6, 2, 3, 2),
+         (6, 4, 1, 2, 3), (6, 3, 1, 2, 1), (8, 4, 2, 3, 9), (16, 4, 2, 4, 8)]
+
+
+def _vjp_all(f, x, w, seed):
+    y, vjp = jax.vjp(f, x, w)
+    g = jax.random.normal(jax.random.key(seed), y.shape)
+    return (y, *vjp(g))
+
+
+def _close(got, want, rtol=2e-5):
+    scale = float(jnp.max(jnp.abs(want))) or 1.0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("side,k,s,c_in,c_out", CASES)
+def test_cpu_conv_equals_native(side, k, s, c_in, c_out):
+    x = jax.random.normal(jax.random.key(side + k), (2, side, side, c_in))
+    w = jax.random.normal(jax.random.key(7), (k, k, c_in, c_out))
+    got = _vjp_all(lambda x, w: conv_lib.conv(x, w, s, impl="cpu"), x, w, 3)
+    want = _vjp_all(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (s, s), "SAME", dimension_numbers=conv_lib.DIMENSION_NUMBERS), x, w, 3)
+    assert got[0].shape == want[0].shape
+    for a, b in zip(got, want):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("side,k,s,c_in,c_out", CASES)
+def test_cpu_conv_transpose_equals_native(side, k, s, c_in, c_out):
+    x = jax.random.normal(jax.random.key(side + k), (2, side // 2, side // 2, c_in))
+    w = jax.random.normal(jax.random.key(7), (k, k, c_in, c_out))
+    got = _vjp_all(lambda x, w: conv_lib.conv_transpose(x, w, s, impl="cpu"), x, w, 4)
+    want = _vjp_all(lambda x, w: jax.lax.conv_transpose(
+        x, w, (s, s), "SAME", dimension_numbers=conv_lib.DIMENSION_NUMBERS), x, w, 4)
+    assert got[0].shape == want[0].shape
+    for a, b in zip(got, want):
+        _close(a, b)
+
+
+def test_cpu_path_is_taken_and_falls_back():
+    """The custom VJP is in the program where it applies (no input-dilated convolution in the
+    gradient), and odd sizes or VALID padding fall back to XLA's native op (same values)."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    w = jax.random.normal(jax.random.key(1), (4, 4, 3, 5))
+    grad = jax.grad(lambda x: jnp.sum(conv_lib.conv(x, w, 2, impl="cpu") ** 2))
+    dilated = "lhs_dilate = [2, 2]"
+    assert dilated not in jax.jit(grad).lower(x).as_text()
+    native = jax.jit(jax.grad(lambda x: jnp.sum(conv_lib.conv(x, w, 2, impl="native") ** 2))).lower(x).as_text()
+    assert dilated in native  # the check above can fail
+    odd = jax.random.normal(jax.random.key(2), (2, 7, 7, 3))
+    _close(conv_lib.conv(odd, w, 2, impl="cpu"), conv_lib.conv_native(odd, w, (2, 2), "SAME"))
+    _close(conv_lib.conv(x, w, 2, "VALID", impl="cpu"), conv_lib.conv_native(x, w, (2, 2), "VALID"))
+
+
+def test_impl_choice():
+    assert conv_lib.resolve_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "native")
+    with pytest.raises(ValueError, match="unknown conv impl 'fast'"):
+        conv_lib.resolve_impl("fast")
+
+
+def test_encoder_conv_equals_flax():
+    ref = nnx.Conv(3, 6, kernel_size=(4, 4), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    fast = networks.Conv(3, 6, kernel_size=(4, 4), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(fast.kernel[...], ref.kernel[...])
+    x = jax.random.normal(jax.random.key(1), (5, 2, 16, 16, 3))  # extra leading axes are kept
+    _close(fast(x), ref(x))
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(nnx.grad(loss)(fast)), jax.tree.leaves(nnx.grad(loss)(ref))):
+        _close(a, b, rtol=1e-4)
+
+
+def test_run_map_sequential_equals_vmap():
+    def f(state, shared, hp):
+        return {"y": jnp.tanh(state["w"] @ shared) * hp, "n": jnp.sum(state["w"])}
+    states = {"w": jax.random.normal(jax.random.key(0), (3, 4, 5))}
+    shared = jax.random.normal(jax.random.key(1), (5,))
+    hp = jnp.array([1.0, 2.0, 3.0])
+    a = jax.jit(train.run_map(f, (0, None, 0), "vmap"))(states, shared, hp)
+    b = jax.jit(train.run_map(f, (0, None, 0), "sequential"))(states, shared, hp)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="disagree on the run axis"):
+        train.run_map(f, (0, None, 0), "sequential")(states, shared, hp[:2])
+    with pytest.raises(ValueError, match="unknown member mode 'loop'"):
+        train.run_map(f, (0, None, 0), "loop")
