@@ -20,8 +20,15 @@ SLOW_TESTS = ("test_vmapped_member", "test_readme_example", "test_evaluate_run",
               "test_one_sample_elbo_is_unbiased")
 
 
+# Modules that exercise device code (numerics, models, estimators, objectives, training steps):
+# benchmarks/gpu/run.sh runs them on an accelerator (`pytest -m device`).
+DEVICE_MODULES = {"test_kl", "test_models", "test_estimators", "test_objectives", "test_regularizers",
+                  "test_dsprites", "test_conv"}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains models, starts processes or needs Slurm")
+    config.addinivalue_line("markers", "device: exercises device code; run on an accelerator by benchmarks/gpu/run.sh")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,3 +36,5 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or any(s in item.nodeid for s in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
+        if module in DEVICE_MODULES:
+            item.add_marker(pytest.mark.device)
