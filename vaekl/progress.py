@@ -31,11 +31,12 @@ class Progress:
     """
 
     def __init__(self, what: str, total: int, unit: str = "images", every: float | None = 10.0,
-                 log: Callable[..., None] = logging.info, clock: Callable[[], float] = time.perf_counter):
+                 log: Callable[..., None] | None = None, clock: Callable[[], float] = time.perf_counter):
         if total < 0:
             raise ValueError(f"Progress {what!r}: total must be >= 0, got {total}")
         self.what, self.total, self.unit, self.every = what, int(total), unit, every
-        self.log, self.clock = log, clock
+        self.log = log or (lambda *a: logging.info(*a))  # looked up per line (absl's, or a patched one)
+        self.clock = clock
         self.done = 0
         self.start = self.last = clock()
 
