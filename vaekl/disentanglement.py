@@ -184,7 +184,7 @@ class _Counted:
 
 
 def representation_table(ground_truth_data: GroundTruthData, representation_fn: RepresentationFn, *,
-                         batch_size: int = 1024, progress_every: float | None = 10.0
+                         batch_size: int = 256, progress_every: float | None = 10.0
                          ) -> RepresentationTable:
     """Encodes every point of the factor grid once: a :class:`RepresentationTable`.
 
@@ -1055,7 +1055,7 @@ def evaluate_all(ground_truth_data: GroundTruthData, representation_fn: Represen
 def evaluate_representation(ground_truth_data: GroundTruthData, representation_fn: RepresentationFn,
                             rng: np.random.Generator, *, metrics: Sequence[str] | None = None,
                             options: Mapping[str, Mapping[str, Any]] | None = None,
-                            table: bool | None = None, table_batch: int = 1024,
+                            table: bool | None = None, table_batch: int = 256,
                             progress_every: float | None = 10.0) -> dict[str, Any]:
     """:func:`evaluate_all` of a deterministic representation, through a table when it pays.
 
