@@ -884,6 +884,132 @@ def metric_vs_strength(df: pd.DataFrame, metric: str | Sequence[str] = "mig", gr
     return fig
 
 
+# ----------------------------------------------------------------------------------------
+# Disentanglement along training (disentanglement.jsonl, written with config.metric_every).
+
+ALONG_FILE = "disentanglement.jsonl"  # = vaekl.trajectory.FILE (not imported: it imports jax)
+ALONG_SCORES = ("mig", "factor_vae_score.eval_accuracy", "dci.disentanglement")
+_SIZE_KEYS = ("num_train", "num_test", "num_eval", "num_variance_estimate", "batch_size", "model")
+
+
+def disentanglement_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Every run's disentanglement.jsonl (from ``df.attrs["dirs"]``): one row per run and
+    step, columns run, step, the scores, representation, seconds and sample_sizes (a dict).
+    Empty when no run has the file; a torn line is skipped."""
+    frames = []
+    for run, d in (df.attrs.get("dirs") or {}).items():
+        path = os.path.join(d, ALONG_FILE)
+        if not os.path.exists(path):
+            continue
+        rows = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "step" in row:
+                    rows.append({k: v if k == "sample_sizes" else _clean(v) for k, v in row.items()})
+        if rows:
+            frames.append(pd.DataFrame(rows).assign(run=run).drop_duplicates("step", keep="last"))
+    if not frames:
+        return pd.DataFrame(columns=["run", "step"])
+    return pd.concat(frames, ignore_index=True).sort_values(["run", "step"], ignore_index=True)
+
+
+def disentanglement_curves(df: pd.DataFrame, metrics: Sequence[str] = ALONG_SCORES,
+                           group: str = "regularizer") -> pd.DataFrame:
+    """The curves of the disentanglement metrics along training, as data.
+
+    One row per (``group`` value, configuration, metric, step): columns ``group`` (e.g. the
+    regularizer, i.e. the method), ``configuration`` (a label of the other fields that vary
+    within the group, e.g. ``β=4``), those fields' values, ``metric``, ``step``, and over the
+    seeds that have that step: ``median``, ``min``, ``max``, ``seeds``. Empty when no run has
+    a disentanglement.jsonl.
+    """
+    rows = disentanglement_rows(df)
+    cols = ["group", "configuration", "metric", "step", "median", "min", "max", "seeds"]
+    if not len(rows):
+        return pd.DataFrame(columns=cols)
+    table = run_table(df)
+    out = []
+    groups = ([(v, list(d.index)) for (v,), d in _groups(table, [group])]
+              if group in table.columns else [(None, list(table.index))])
+    for value, names in groups:
+        fields = varying_fields(table.loc[names])
+        for config_values, d in _groups(table.loc[names], fields):
+            runs_here = list(d.index)
+            sub = rows[rows.run.isin(runs_here)]
+            for metric in metrics:
+                if metric not in sub.columns:
+                    continue
+                for step, g in sub.groupby("step"):
+                    v = pd.to_numeric(g[metric], errors="coerce").dropna().to_numpy(float)
+                    if not v.size:
+                        continue
+                    out.append({"group": value, "configuration": label(fields, config_values) if fields
+                                else "all runs", **dict(zip(fields, config_values)), "metric": metric,
+                                "step": int(step), "median": float(np.median(v)), "min": float(v.min()),
+                                "max": float(v.max()), "seeds": int(v.size)})
+    return pd.DataFrame(out, columns=list(dict.fromkeys(cols + [k for r in out for k in r])))
+
+
+def along_sample_sizes(df: pd.DataFrame, metrics: Sequence[str] = ALONG_SCORES) -> str:
+    """The sample sizes of the disentanglement.jsonl rows, e.g. ``mig: num_train=10000; …``
+    (every distinct setting of each metric's family, '/'-joined)."""
+    rows = disentanglement_rows(df)
+    if "sample_sizes" not in rows.columns:
+        return "unknown"
+    parts = []
+    for family in dict.fromkeys(m.split(".")[0] for m in metrics):
+        seen = []
+        for sizes in rows.sample_sizes:
+            kw = (sizes or {}).get(family) if isinstance(sizes, dict) else None
+            if kw:
+                text = ", ".join(f"{k}={kw[k]}" for k in _SIZE_KEYS if k in kw)
+                if text not in seen:
+                    seen.append(text)
+        if seen:
+            parts.append(f"{family}: {' / '.join(seen)}")
+    return "; ".join(parts) or "unknown"
+
+
+def disentanglement_along_training(df: pd.DataFrame, metrics: Sequence[str] = ALONG_SCORES,
+                                   group: str = "regularizer") -> plt.Figure:
+    """The disentanglement metrics against the training step: one column of panels per
+    ``group`` value (method), one row per metric, a line per configuration (strength) with
+    the median over seeds and a band from the lowest to the highest seed
+    (:func:`disentanglement_curves`)."""
+    curves = disentanglement_curves(df, metrics, group)
+    groups = list(dict.fromkeys(curves.group)) or [None]
+    present = [m for m in metrics if (curves.metric == m).any()] or list(metrics)[:1]
+    fig, axes = plt.subplots(len(present), len(groups), figsize=(3.3 * len(groups) + 1.6, 2.3 * len(present) + 0.6),
+                             squeeze=False, layout="constrained", sharex="col", sharey="row")
+    handles: dict[str, Any] = {}
+    configs = list(dict.fromkeys(curves.configuration))
+    colors = dict(zip(configs, _colors(len(configs))))
+    for gi, value in enumerate(groups):
+        for mi, metric in enumerate(present):
+            ax = axes[mi][gi]
+            c = curves[(curves.group == value) & (curves.metric == metric)] if len(curves) else curves
+            if not len(c):
+                ax.text(0.5, 0.5, "not evaluated", ha="center", va="center", transform=ax.transAxes, color="0.4")
+            for conf, d in c.groupby("configuration", sort=False):
+                d = d.sort_values("step")
+                line, = ax.plot(d.step, d["median"], "o-", color=colors[conf], lw=1.5, ms=3)
+                ax.fill_between(d.step, d["min"], d["max"], color=colors[conf], alpha=0.2, lw=0)
+                handles.setdefault(conf, line)
+            ax.grid(alpha=0.3)
+            if mi == 0:
+                ax.set_title(label([group], [value]) if value is not None else "all runs", fontsize=10)
+            if gi == 0:
+                ax.set_ylabel(_score_title(metric), fontsize=9)
+            if mi == len(present) - 1:
+                ax.set_xlabel("step")
+    _legend(fig, [(h, k) for k, h in handles.items()])
+    return fig
+
+
 def kl_per_dim(run_dir: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(KL per latent dimension [d] in nats, Var_x E[z|x] per dimension [d]) of a run, from
     eval.json, else from the last test row of metrics.jsonl; None where neither has it."""

@@ -67,6 +67,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.num_eval_train = 2000       # training examples used for the 'train' evaluation rows
     c.active_units_threshold = 0.01
     c.num_images = 64             # reconstructions and samples in the final PNG grids
+    # Disentanglement metrics along training (datasets with ground-truth factors; vaekl.trajectory):
+    c.metric_every = 0            # steps between rows of disentanglement.jsonl (0: off)
+    c.metric_options = ""         # JSON {metric: {argument: value}} over disentanglement_lib's sizes
     for name, field in regularizers.FIELDS.items():
         c[name] = field.default
     return c
@@ -145,6 +148,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least(config, "num_images", 0, integer=True)
     _at_least(config, "validation_size", 0, integer=True)
     _at_least(config, "steps_per_call", 0, integer=True)
+    _at_least(config, "metric_every", 0, integer=True)
+    if not isinstance(config.metric_options, str):
+        raise ValueError(f"config.metric_options={config.metric_options!r} must be a JSON string")
     _at_least(config, "active_units_threshold", 0.0)
     for field in ("learning_rate", "likelihood_sigma", "adam_eps"):
         if not _number(config, field) > 0:

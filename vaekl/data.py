@@ -123,7 +123,8 @@ class Dataset:
     ``ground_truth`` (a :class:`vaekl.dsprites.GroundTruthData`, or None) makes a
     ground-truth dataset: its ``factor_names``, ``factor_sizes``, ``num_factors``,
     ``observation_shape``, ``sample_factors(n, rng)``, ``sample_observations_from_factors(factors, rng)``,
-    ``sample(n, rng)``, ``index_to_factors``, ``factors_to_index`` are available
+    ``sample(n, rng)``, ``index_to_factors``, ``factors_to_index``,
+    ``deterministic_observations`` are available
     on the dataset itself; training batches come from it (:meth:`batch_source`),
     and ``train_images`` / ``test_images`` are fixed evaluation samples.
     """
@@ -144,6 +145,7 @@ class Dataset:
     sample = _GroundTruthAttribute()
     index_to_factors = _GroundTruthAttribute()
     factors_to_index = _GroundTruthAttribute()
+    deterministic_observations = _GroundTruthAttribute()
 
     def __post_init__(self):
         for split in ("train", "test"):

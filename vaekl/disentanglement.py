@@ -12,6 +12,19 @@ with ``representation_fn(observations [B, ...]) -> codes [B, d]`` (NumPy or JAX;
 deterministic code, e.g. the posterior mean). Observations are made and encoded in
 chunks of at most ``encode_batch`` rows, so only codes [n, d] are ever held.
 
+**Representation tables.** Where the ground truth's observations are a fixed function of
+its factors (``gt.deterministic_observations``: plain dSprites, not its colour or noise
+variants), ``representation_fn`` may instead be a :class:`RepresentationTable`: the codes
+of every grid point [N, d], encoded once (:func:`representation_table`, 737,280 images
+for dSprites) and read by flat factor index. The metrics then draw exactly the same
+factors from ``rng`` (observing such a source consumes no randomness) and get the same
+codes, so the scores equal encoding on demand, at a fixed cost of N encodings instead of
+the ~3 million that disentanglement_lib's default sample sizes need
+(:func:`encodings_needed`; :func:`table_pays_off`). Every metric of :data:`METRICS`
+reads the deterministic code only; :func:`mig_sampling` reads the posterior
+(mean, log variance) of the grid through ``posterior_fn`` and draws z itself, so it
+always encodes on demand.
+
 Which variant each computes (defaults are disentanglement_lib's ``unsupervised_study_v1``
 metric configs; the estimators are re-implemented, and tested on oracle representations):
 
@@ -38,18 +51,29 @@ Monte-Carlo entropies of :func:`mig_sampling` run jitted in float32.
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from sklearn import ensemble, linear_model, metrics, svm
+
+from vaekl import progress as progress_lib
 
 __all__ = [
     "GroundTruthData",
     "METRICS",
+    "OnDemand",
+    "RepresentationTable",
+    "representation_table",
+    "encodings_needed",
+    "sample_sizes",
+    "table_pays_off",
     "sample_codes_and_factors",
     "histogram_discretize",
     "discrete_mutual_info",
@@ -74,6 +98,7 @@ __all__ = [
     "gaussian_wasserstein_correlation",
     "gaussian_total_correlation_score",
     "evaluate_all",
+    "evaluate_representation",
 ]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -92,6 +117,108 @@ class GroundTruthData(Protocol):
 
 
 RepresentationFn = Callable[[Any], Any]
+
+
+# --------------------------------------------------------------------------------------
+# Representations: encoded on demand, or read from a table of the whole grid.
+
+
+class OnDemand:
+    """Codes of factors by observing them (``gt.sample_observations_from_factors(f, rng)``)
+    and encoding the observations with ``representation_fn``; the default."""
+
+    def __init__(self, representation_fn: RepresentationFn):
+        self.representation_fn = representation_fn
+
+    def codes(self, gt: GroundTruthData, factors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """codes [n, d] float64 of factor indices [n, F]."""
+        return _encode(self.representation_fn, gt.sample_observations_from_factors(factors, rng),
+                       factors.shape[0])
+
+
+class RepresentationTable:
+    """The deterministic codes of every point of a factor grid, read by flat factor index.
+
+    Args:
+      table: codes [N, d] (any float dtype; read as float64), row ``i`` the code of the
+        grid point of flat index ``i`` (last factor fastest, ``np.ravel_multi_index``).
+      factor_sizes: the grid, N = Π factor_sizes.
+    """
+
+    def __init__(self, table: np.ndarray, factor_sizes: Sequence[int]):
+        self.factor_sizes = tuple(int(s) for s in factor_sizes)
+        n = math.prod(self.factor_sizes)
+        if np.ndim(table) != 2 or np.shape(table)[0] != n:
+            raise ValueError(f"RepresentationTable: need codes [{n}, d] for factor_sizes "
+                             f"{self.factor_sizes}, got shape {np.shape(table)}")
+        self.table = np.asarray(table)
+
+    def codes(self, gt: GroundTruthData, factors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """codes [n, d] float64 of factor indices [n, F]; ``rng`` unused (as the source's)."""
+        del rng
+        if tuple(gt.factor_sizes) != self.factor_sizes:
+            raise ValueError(f"RepresentationTable of factor_sizes {self.factor_sizes} used with a "
+                             f"ground truth of factor_sizes {tuple(gt.factor_sizes)}")
+        if not getattr(gt, "deterministic_observations", False):
+            raise ValueError("RepresentationTable: the ground truth's observations are random "
+                             "(deterministic_observations is False); encode on demand instead")
+        index = np.ravel_multi_index(tuple(np.asarray(factors).T), self.factor_sizes)
+        return self.table[index].astype(np.float64)
+
+
+def _as_representation(representation_fn):
+    """A table as it is, a function of observations as :class:`OnDemand`."""
+    return representation_fn if hasattr(representation_fn, "codes") else OnDemand(representation_fn)
+
+
+class _Counted:
+    """A representation that reports the codes it returns to a :class:`vaekl.progress.Progress`."""
+
+    def __init__(self, representation, progress: progress_lib.Progress):
+        self.representation, self.progress = representation, progress
+
+    def codes(self, gt, factors, rng):
+        out = self.representation.codes(gt, factors, rng)
+        self.progress.update(factors.shape[0])
+        return out
+
+
+def representation_table(ground_truth_data: GroundTruthData, representation_fn: RepresentationFn, *,
+                         batch_size: int = 256, progress_every: float | None = 10.0
+                         ) -> RepresentationTable:
+    """Encodes every point of the factor grid once: a :class:`RepresentationTable`.
+
+    The grid's N points (flat index order) are observed with
+    ``gt.sample_observations_from_factors(factors, None)`` and encoded by
+    ``representation_fn`` in batches of ``batch_size`` (the last one padded, so a jitted
+    encoder compiles once); a progress line (images/s, ETA) every ``progress_every`` seconds.
+    ValueError unless ``gt.deterministic_observations`` (noise or random colour: encode on
+    demand). Memory: the codes [N, d] as ``representation_fn`` returns them (29 MB for
+    dSprites at d = 10 in float32).
+    """
+    if not getattr(ground_truth_data, "deterministic_observations", False):
+        raise ValueError("representation_table: the ground truth's observations are random "
+                         "(deterministic_observations is False); encode on demand instead")
+    if batch_size < 1:
+        raise ValueError(f"representation_table: batch_size must be >= 1, got {batch_size}")
+    sizes = tuple(int(s) for s in ground_truth_data.factor_sizes)
+    n = math.prod(sizes)
+    bar = progress_lib.Progress("representation table", n, "images", progress_every)
+    table = None
+    for start in range(0, n, batch_size):
+        rows = min(batch_size, n - start)
+        index = np.minimum(np.arange(start, start + batch_size), n - 1)  # pad with the last point
+        factors = np.stack(np.unravel_index(index, sizes), axis=1).astype(np.int64)
+        c = np.asarray(representation_fn(ground_truth_data.sample_observations_from_factors(factors, None)))
+        if c.ndim != 2 or c.shape[0] != batch_size:
+            raise ValueError(f"representation_fn must map {batch_size} observations to "
+                             f"[{batch_size}, d]; got shape {c.shape}")
+        if table is None:
+            table = np.empty((n, c.shape[1]), c.dtype)
+        table[start:start + rows] = c[:rows]
+        bar.update(rows)
+    bar.finish()
+    return RepresentationTable(table, sizes)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,6 +247,13 @@ def _encode(representation_fn: RepresentationFn, observations: Any, rows: int) -
     return _rows(representation_fn(observations), rows, "representation_fn")
 
 
+def _codes(gt: GroundTruthData, representation, factors: np.ndarray, rng: np.random.Generator
+           ) -> np.ndarray:
+    """codes [n, d] float64 of factor indices [n, F], from a table or encoded on demand."""
+    return _rows(_as_representation(representation).codes(gt, factors, rng), factors.shape[0],
+                 "representation_fn")
+
+
 def _sample_factors(gt: GroundTruthData, num: int, rng: np.random.Generator) -> np.ndarray:
     factors = np.array(gt.sample_factors(num, rng), dtype=np.int64)  # a writable copy
     if factors.shape != (num, len(gt.factor_sizes)):
@@ -134,14 +268,15 @@ def sample_codes_and_factors(gt: GroundTruthData, representation_fn: Representat
     """i.i.d. (codes [n, d] float64, factors [n, F'] int64) with F' the factors of size > 1.
 
     Factors are drawn with ``gt.sample_factors``, observed and encoded in chunks of
-    ``encode_batch`` (disentanglement_lib's ``generate_batch_factor_code``).
+    ``encode_batch`` (disentanglement_lib's ``generate_batch_factor_code``), or read from a
+    :class:`RepresentationTable` passed as ``representation_fn``.
     """
     used = _used_factors(gt)
     codes, factors = None, np.empty((num_points, used.size), np.int64)
     for start in range(0, num_points, encode_batch):
         rows = min(encode_batch, num_points - start)
         f = _sample_factors(gt, rows, rng)
-        c = _encode(representation_fn, gt.sample_observations_from_factors(f, rng), rows)
+        c = _codes(gt, representation_fn, f, rng)
         if codes is None:
             codes = np.empty((num_points, c.shape[1]), np.float64)
         codes[start:start + rows] = c
@@ -429,7 +564,7 @@ def _batch_codes(gt: GroundTruthData, representation_fn: RepresentationFn, rng: 
                  factors: np.ndarray) -> np.ndarray:
     """Codes [..., d] of factors [..., F], observed and encoded in one chunk."""
     flat = factors.reshape(-1, factors.shape[-1])
-    codes = _encode(representation_fn, gt.sample_observations_from_factors(flat, rng), flat.shape[0])
+    codes = _codes(gt, representation_fn, flat, rng)
     return codes.reshape(factors.shape[:-1] + (codes.shape[1],))
 
 
@@ -807,16 +942,78 @@ METRICS: dict[str, Callable[..., dict[str, float]]] = {
 }
 
 
+# Codes each metric asks for, from its effective keyword arguments (for progress and ETAs,
+# and for :func:`table_pays_off`).
+_ENCODINGS: dict[str, Callable[[Mapping[str, Any], Sequence[int]], int]] = {
+    "mig": lambda a, _: a["num_train"],
+    "factor_vae_score": lambda a, _: a["num_variance_estimate"] + a["batch_size"] * (a["num_train"] + a["num_eval"]),
+    "beta_vae_score": lambda a, _: 2 * a["batch_size"] * (a["num_train"] + a["num_eval"]),
+    "dci": lambda a, _: a["num_train"] + a["num_test"],
+    "sap": lambda a, _: a["num_train"] + a["num_test"],
+    "modularity_explicitness": lambda a, _: a["num_train"] + a["num_test"],
+    "gaussian_total_correlation_score": lambda a, _: a["num_train"],
+    "mig_sampling": lambda a, sizes: math.prod(
+        -(-s // st) for s, st in zip(sizes, (a["grid_stride"],) * len(sizes)
+                                      if isinstance(a["grid_stride"], int) else a["grid_stride"])),
+}
+
+
+def _metric_fn(name: str) -> Callable[..., dict[str, float]]:
+    if name == "mig_sampling":
+        return mig_sampling
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {list(METRICS) + ['mig_sampling']}")
+    return METRICS[name]
+
+
+def sample_sizes(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments metric ``name`` runs with: its defaults (disentanglement_lib's
+    sample sizes) overridden by ``options`` (ValueError on an argument it does not take)."""
+    params = inspect.signature(_metric_fn(name)).parameters
+    defaults = {k: p.default for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options or {}) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name}: unknown options {unknown}; it takes {sorted(defaults)}")
+    return {**defaults, **dict(options or {})}
+
+
+def encodings_needed(name: str, factor_sizes: Sequence[int], options: Mapping[str, Any] | None = None) -> int:
+    """How many codes metric ``name`` asks for (observations to encode on demand)."""
+    kwargs = sample_sizes(name, options)
+    if name not in _ENCODINGS:
+        raise ValueError(f"metric {name!r} has no entry in disentanglement._ENCODINGS (codes it needs)")
+    return int(_ENCODINGS[name](kwargs, tuple(factor_sizes)))
+
+
+def table_pays_off(ground_truth_data: GroundTruthData, metrics: Sequence[str] | None = None,
+                   options: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
+    """Whether a :class:`RepresentationTable` is allowed (``deterministic_observations``) and
+    encodes fewer images than the metrics of :data:`METRICS` (or ``metrics``) ask for on demand
+    (``mig_sampling`` always encodes on demand and is not counted)."""
+    if not getattr(ground_truth_data, "deterministic_observations", False):
+        return False
+    options = options or {}
+    names = [m for m in (metrics if metrics is not None else METRICS) if m != "mig_sampling"]
+    demand = sum(encodings_needed(m, ground_truth_data.factor_sizes, options.get(m)) for m in names)
+    return demand > math.prod(int(s) for s in ground_truth_data.factor_sizes)
+
+
 def evaluate_all(ground_truth_data: GroundTruthData, representation_fn: RepresentationFn,
                  rng: np.random.Generator, *, metrics: Sequence[str] | None = None,
                  posterior_fn: Callable[[Any], tuple[Any, Any]] | None = None,
-                 options: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, float]]:
+                 options: Mapping[str, Mapping[str, Any]] | None = None,
+                 progress_every: float | None = None) -> dict[str, dict[str, float]]:
     """{metric name: its dict} for every metric of :data:`METRICS` (or those in ``metrics``).
 
     ``mig_sampling`` is added when ``posterior_fn`` is given. ``options[name]`` overrides
     that metric's keyword defaults (e.g. ``{"dci": {"model": "random_forest"}}``). Each
     metric gets its own child of ``rng`` (``rng.spawn``, in the fixed order of
     ``METRICS`` then ``mig_sampling``), so its value does not depend on which others run.
+    ``representation_fn`` may be a :class:`RepresentationTable` (same scores, no encoding).
+    With ``progress_every`` (seconds), each metric logs a line when it starts (the codes it
+    needs) and then at most one per ``progress_every`` seconds: codes done, codes/s and the
+    ETA of the metric's codes (after its last code a metric still fits its classifiers:
+    seconds for the defaults, except ``dci`` with ``model="gbt"``), and its time when done.
     """
     names = list(METRICS) + ["mig_sampling"]
     if metrics is None:
@@ -830,14 +1027,60 @@ def evaluate_all(ground_truth_data: GroundTruthData, representation_fn: Represen
     bad = [n for n in options if n not in names]
     if bad:
         raise ValueError(f"options for unknown metrics {bad}; known: {names}")
-    children = dict(zip(names, rng.spawn(len(names))))
-    out = {}
     for name in wanted:
+        sample_sizes(name, options.get(name))  # unknown arguments fail before any work
+    if "mig_sampling" in wanted and posterior_fn is None:
+        raise ValueError("mig_sampling needs posterior_fn")
+    children = dict(zip(names, rng.spawn(len(names))))
+    representation = _as_representation(representation_fn)
+    source = "table" if isinstance(representation, RepresentationTable) else "encoded on demand"
+    out = {}
+    for i, name in enumerate(wanted):
         kwargs = dict(options.get(name, {}))
+        total = encodings_needed(name, ground_truth_data.factor_sizes, kwargs)
+        bar = progress_lib.Progress(f"[{i + 1}/{len(wanted)}] {name}", total, "codes", progress_every)
+        if progress_every is not None:
+            logging.info("[%d/%d] %s: %s codes (%s)", i + 1, len(wanted), name, f"{total:,}",
+                         "grid posteriors, on demand" if name == "mig_sampling" else source)
         if name == "mig_sampling":
-            if posterior_fn is None:
-                raise ValueError("mig_sampling needs posterior_fn")
             out[name] = mig_sampling(ground_truth_data, posterior_fn, children[name], **kwargs)
+            bar.update(total)
         else:
-            out[name] = METRICS[name](ground_truth_data, representation_fn, children[name], **kwargs)
+            out[name] = METRICS[name](ground_truth_data, _Counted(representation, bar), children[name],
+                                      **kwargs)
+        bar.finish()
     return out
+
+
+def evaluate_representation(ground_truth_data: GroundTruthData, representation_fn: RepresentationFn,
+                            rng: np.random.Generator, *, metrics: Sequence[str] | None = None,
+                            options: Mapping[str, Mapping[str, Any]] | None = None,
+                            table: bool | None = None, table_batch: int = 256,
+                            progress_every: float | None = 10.0) -> dict[str, Any]:
+    """:func:`evaluate_all` of a deterministic representation, through a table when it pays.
+
+    ``table``: None reads every code from a :func:`representation_table` when
+    :func:`table_pays_off` (scores are the same either way), True always (ValueError for a
+    random source), False never. Returns a JSON-able dict:
+
+      scores        {"<metric>.<output>": value} (just "<metric>" where the two agree);
+      sample_sizes  {metric: its keyword arguments} (:func:`sample_sizes`);
+      representation  "table" or "on_demand";
+      table_seconds   time to encode the table (0 without one), seconds;
+      seconds         the whole evaluation, seconds.
+    """
+    started = time.perf_counter()
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    names = list(metrics) if metrics is not None else list(METRICS)
+    sizes = {name: sample_sizes(name, options.get(name)) for name in names}
+    use = table_pays_off(ground_truth_data, names, options) if table is None else table
+    rep = representation_fn
+    if use:
+        rep = representation_table(ground_truth_data, representation_fn, batch_size=table_batch,
+                                   progress_every=progress_every)
+    table_seconds = time.perf_counter() - started if use else 0.0
+    out = evaluate_all(ground_truth_data, rep, rng, metrics=names, options=options,
+                       progress_every=progress_every)
+    scores = {f"{name}.{k}" if k != name else name: float(v) for name, d in out.items() for k, v in d.items()}
+    return {"scores": scores, "sample_sizes": sizes, "representation": "table" if use else "on_demand",
+            "table_seconds": table_seconds, "seconds": time.perf_counter() - started}

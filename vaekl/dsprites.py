@@ -280,6 +280,14 @@ class GroundTruthData(abc.ABC):
         return len(self.factor_sizes)
 
     @property
+    def deterministic_observations(self) -> bool:
+        """True when an observation is a fixed function of its factors (no noise, no random
+        colour): ``sample_observations_from_factors`` then ignores its rng, and a deterministic
+        representation of the whole grid can be computed once and looked up
+        (:func:`vaekl.disentanglement.representation_table`). False unless a source says so."""
+        return False
+
+    @property
     def num_observations(self) -> int:
         """Size of the grid, e.g. 737,280 for dSprites (the dataset size N of β-TCVAE)."""
         return math.prod(self.factor_sizes)
@@ -359,6 +367,11 @@ class DSprites(GroundTruthData):
         self.variant = variant
         self.observation_shape = (IMAGE_SIZE, IMAGE_SIZE, VARIANTS[variant])
 
+    @property
+    def deterministic_observations(self) -> bool:
+        """Plain dSprites only: the colour and noise variants draw per image."""
+        return self.variant == "dsprites"
+
     def images_from_factors(self, factors, rng: np.random.Generator | None = None) -> np.ndarray:
         """uint8 [n, 64, 64, C], rendered on the default device in chunks of ≤ 1024.
 
@@ -435,6 +448,11 @@ class ArrayGroundTruth(GroundTruthData):
         rows = self.row_of_index[self.factors_to_index(factors)]
         bits = np.unpackbits(self.packed[rows], axis=-1, count=self.observation_shape[1])
         return (bits * np.uint8(255))[..., None]
+
+    @property
+    def deterministic_observations(self) -> bool:
+        """One stored image per grid point: always."""
+        return True
 
     def batch_source(self):
         """``((packed images,), draw)``: uniform over the stored images (= over the grid)."""

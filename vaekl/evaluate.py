@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.scipy.linalg import solve_triangular
 
-from vaekl import checkpoints, data, objectives, runs, train
+from vaekl import checkpoints, data, objectives, runs, train, trajectory
 from vaekl import metrics as metrics_lib
 from vaekl.models import gaussian
 from vaekl.models.gaussian import Gaussian
@@ -253,26 +253,22 @@ def _restore(workdir: str, config: ml_collections.ConfigDict, image_shape, train
 
 def disentanglement_scores(ds: data.Dataset, graphdef, params, seed: int = 0,
                            dci_model: str = "random_forest", metrics=None,
-                           options: dict | None = None) -> dict[str, float]:
+                           options: dict | None = None, table: bool | None = None,
+                           progress_every: float | None = 10.0) -> dict:
     """Every metric of :mod:`vaekl.disentanglement` for the posterior means of a trained model on
-    a ground-truth dataset, flattened to ``{"<metric>.<output>": value}``; disentanglement_lib's
+    a ground-truth dataset (:func:`vaekl.trajectory.score`): ``{"scores": {"<metric>.<output>":
+    value}, "sample_sizes", "representation", "table_seconds", "seconds"}``; disentanglement_lib's
     defaults except ``dci_model`` ('gbt' is disentanglement_lib's, ~15× slower on this CPU) and
-    what ``options`` ({metric: {argument: value}}, e.g. smaller sample sizes) overrides."""
-    from vaekl import disentanglement  # pylint: disable=g-import-not-at-top
-
-    encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode(x).mean)
-    rep = lambda x: np.asarray(encode(params, jnp.asarray(x, jnp.float32)))  # noqa: E731
-    opts = {k: dict(v) for k, v in (options or {}).items()}
-    opts.setdefault("dci", {}).setdefault("model", dci_model)
-    out = disentanglement.evaluate_all(ds, rep, np.random.default_rng(seed), metrics=metrics,
-                                       options=opts)
-    return {f"{name}.{k}" if k != name else name: float(v)
-            for name, d in out.items() for k, v in d.items()}
+    what ``options`` ({metric: {argument: value}}, e.g. smaller sample sizes) overrides. On plain
+    dSprites at the default sizes the codes come from a table of the whole grid (``table``:
+    None when it pays off, True, False), with the same scores as encoding on demand."""
+    return trajectory.score(ds, graphdef, params, seed, options, metrics, table, progress_every, dci_model)
 
 
 def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_size: int = 100,
                  which: str = "best", seed: int = 0, num_draws: int = 10, disentanglement: bool = True,
-                 dci_model: str = "random_forest", metric_options: dict | None = None) -> dict:
+                 dci_model: str = "random_forest", metric_options: dict | None = None,
+                 representation_table: bool | None = None) -> dict:
     """Evaluates a run's best (or latest) checkpoint on its test split; writes eval.json.
 
     The test images are those of training's evaluations (:func:`vaekl.train.prepare`): a
@@ -283,7 +279,9 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     errors ``<name>_se`` for this test set. The batch metrics of training (every declared
     metric, :mod:`vaekl.metrics`) are recomputed on the test set too. On a dataset with
     ground-truth factors (dSprites) eval.json gains a ``disentanglement`` object
-    (:func:`disentanglement_scores`, with ``disentanglement=True``). ``eval_seconds``: the
+    (:func:`disentanglement_scores`, with ``disentanglement=True``), with the sample sizes used,
+    whether the codes came from a table of the grid (``representation_table``: None when it
+    pays off) and its times. ``eval_seconds``: the
     wall time of this evaluation, compilation included.
     """
     if num_draws < 2:
@@ -322,9 +320,14 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
         "checkpoint": which, "num_test": int(test.shape[0]),
     })
     if disentanglement and hasattr(ds, "factor_sizes"):
-        result["disentanglement"] = disentanglement_scores(ds, graphdef, state.params, seed, dci_model,
-                                                           options=metric_options)
+        dis = disentanglement_scores(ds, graphdef, state.params, seed, dci_model, options=metric_options,
+                                     table=representation_table)
+        result["disentanglement"] = dis["scores"]
         result["disentanglement_options"] = metric_options or {}
+        result["disentanglement_sample_sizes"] = dis["sample_sizes"]
+        result["disentanglement_representation"] = dis["representation"]
+        result["disentanglement_seconds"] = dis["seconds"]
+        result["representation_table_seconds"] = dis["table_seconds"]
     result["eval_seconds"] = time.perf_counter() - started  # this run's evaluation, wall time
     runs.atomic_write(os.path.join(workdir, runs.EVAL), json.dumps(result, indent=2))
     return result

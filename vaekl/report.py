@@ -7,6 +7,8 @@ averaged. The report opens with provenance (dataset, steps, model, objective, th
 and the command, from meta.json when the runs have one), then the tables, training curves,
 the standard figures, one section per varying field, and every run's reconstructions. On data
 with ground-truth factors (dSprites) it adds each disentanglement score against the strength,
+the disentanglement metrics along training where the runs have a disentanglement.jsonl
+(median over seeds with the min–max band; the curves also in disentanglement_curves.csv),
 and latent traversals and the latent–factor mutual information of a few runs (--factor_runs).
 """
 
@@ -358,6 +360,14 @@ def factor_figures(df: pd.DataFrame, factor_runs: int = 2, num_points: int = 200
                     "Each disentanglement score of eval.json against the regularization strength "
                     "(a panel column per regularizer): every seed a point, the line the median over seeds "
                     "(Locatello et al. 2019's style)."))
+    curves = analysis.disentanglement_curves(df)
+    if len(curves):
+        out.append(("Disentanglement along training", "disentanglement_along_training",
+                    analysis.disentanglement_along_training(df),
+                    "MIG, FactorVAE score and DCI disentanglement of the posterior means against the "
+                    "training step (disentanglement.jsonl, config.metric_every), a column per regularizer "
+                    "and a colour per configuration: the line is the median over seeds, the band runs from "
+                    "the lowest to the highest seed. Sample sizes: " + analysis.along_sample_sizes(df) + "."))
     dirs = df.attrs.get("dirs") or {}
     table = analysis.run_table(df)
     fields = analysis.varying_fields(df) + ([analysis.SEED] if analysis.SEED in table.columns else [])
@@ -401,6 +411,9 @@ def write_report(sweep_dir: str, term_runs: int = 3, factor_runs: int = 2) -> st
     per_run = analysis.per_run(everything)
     per_run.insert(1, "status", [unfinished.get(r, "done") for r in per_run.run])
     per_run.to_csv(os.path.join(sweep_dir, "runs.csv"), index=False)
+    curves = analysis.disentanglement_curves(df)
+    if len(curves):
+        curves.to_csv(os.path.join(sweep_dir, "disentanglement_curves.csv"), index=False)
 
     extra, factor_notes = factor_figures(df, factor_runs)
     figures = _figures(df, term_runs) + extra

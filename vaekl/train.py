@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vaekl import checkpoints, data, objectives, regularizers, rundir, runs, sharding
+from vaekl import checkpoints, data, objectives, regularizers, rundir, runs, sharding, trajectory
 from vaekl import metrics as metrics_lib
 from vaekl import config as config_lib
 from vaekl.models import vae as vae_lib
@@ -528,7 +528,9 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
 
     metrics.jsonl gets evaluation rows (splits 'train' and 'test') every ``eval_every`` steps
     and training-curve rows (split 'train_batch': the means of the steps' batch metrics since
-    the previous log) every ``log_every`` steps.
+    the previous log) every ``log_every`` steps. With ``metric_every`` > 0 (ground-truth data),
+    disentanglement.jsonl gets the disentanglement metrics of step 0, every ``metric_every``
+    steps and the last (:mod:`vaekl.trajectory`).
 
     Args:
       configs, workdirs: the runs.
@@ -549,6 +551,11 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
         raise ValueError(f"dataset {config.dataset!r} has {ds.train_images.shape[0]} training and "
                          f"{ds.test_images.shape[0]} test images; both must be > 0")
     ds, eval_images = prepare(config, ds)
+    if config.metric_every > 0:
+        if ds.ground_truth is None:
+            raise ValueError(f"config.metric_every={config.metric_every} needs a dataset with ground-truth "
+                             f"factors ({data.GROUND_TRUTH_SOURCES}), not {config.dataset!r}")
+        trajectory.parse_options(config.metric_options)
     members = [Member(c, w, ds.image_shape, ds.train_images) for c, w in zip(configs, workdirs)]
     for m in members:
         m.group = list(group) if group else [os.path.basename(os.path.normpath(w)) for w in workdirs]
@@ -639,6 +646,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
             continue
         state = m.initial if start is None else checkpoints.restore(m.mgr, start, m.initial)
         m.log.truncate(-1 if start is None else start)
+        trajectory.truncate(m.workdir, -1 if start is None else start)
         m.restart_tensorboard()
         if start is not None:
             checkpoints.prune(m.mgr, m.config.keep_checkpoints)
@@ -678,10 +686,31 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
         if len(members[0].group) > 1:
             _commit_group([m for _, m in live()], step)
 
+    metric_options = trajectory.parse_options(config.metric_options)
+
+    def disentanglement_along(step: int) -> None:
+        """Scores every live member at a due step that has no row yet (before its checkpoint)."""
+        todo = [(i, m) for i, m in live() if step not in trajectory.steps(m.workdir)]
+        if not trajectory.due(config, step) or not todo:
+            return
+        host_params = placement.to_host(state.params)
+        for i, m in todo:
+            params = slice_like(jax.tree.map(lambda a: a[i], host_params), m.initial.params)
+            result = trajectory.score(ds, m.graphdef, params, m.config.seed, metric_options)
+            trajectory.record(m.workdir, step, result)
+            logging.info("%s step %d: MIG %.3f  FactorVAE %.3f  DCI-D %.3f (%s, %.0f s)", m.workdir, step,
+                         result["scores"].get("mig", float("nan")),
+                         result["scores"].get("factor_vae_score.eval_accuracy", float("nan")),
+                         result["scores"].get("dci.disentanglement", float("nan")),
+                         result["representation"], result["seconds"])
+
     step = 0 if start is None else start
     if start is None:
         eval_and_log(0)
+        disentanglement_along(0)
         save(0, evaluated=True)
+    else:
+        disentanglement_along(start)  # a row lost to a crash, or metric_every set on resuming
     t_start, step_start = time.perf_counter(), step
     curve: list[dict] = []  # per-chunk step metrics since the last training-curve row
     per_call = steps_per_call(config)
@@ -727,6 +756,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
         evaluated = step % config.eval_every == 0 or step == config.num_steps
         if evaluated:
             eval_and_log(step)
+        disentanglement_along(step)
         if step % config.checkpoint_every == 0 or step == config.num_steps:
             save(step, evaluated)
 
@@ -768,8 +798,9 @@ def eval_rows(step: int, evals: dict[str, dict]) -> list[dict]:
 
 
 def _boundaries(config: ml_collections.ConfigDict, start: int) -> list[int]:
-    """The steps after ``start`` where the loop stops to log, evaluate or checkpoint."""
-    every = (config.log_every, config.eval_every, config.checkpoint_every)
+    """The steps after ``start`` where the loop stops to log, evaluate, score or checkpoint."""
+    every = (config.log_every, config.eval_every, config.checkpoint_every) + (
+        (config.metric_every,) if config.metric_every > 0 else ())
     stops = {s for e in every for s in range(e, config.num_steps, e)} | {config.num_steps}
     return sorted(s for s in stops if s > start)
 
