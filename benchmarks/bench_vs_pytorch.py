@@ -45,6 +45,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--torch_python", default=os.environ.get("VAEKL_TORCH_PYTHON", ""))
     p.add_argument("--core", type=int, default=-1, help="the core both run on (-1: the last usable one)")
     p.add_argument("--out", default="", help="also write the results as JSON here")
+    p.add_argument("--group_modes", default="sequential,vmap", help="how the group's members are combined")
     p.add_argument("--no_pin", action="store_true", help="no core pinning or thread limit (an accelerator)")
     p.add_argument("--device_torch", default="cpu", help="PyTorch's device (cuda on a GPU)")
     p.add_argument("--steps_per_call", type=int, default=0,
@@ -167,10 +168,11 @@ def main() -> None:
         print(f"  PyTorch ÷ vaekl: {res['pytorch_over_vaekl']:.2f}× (above 1: vaekl faster)")
 
     if args.group > 1:
-        res["group"] = group_times(conv_step, setup, args.group, args.rounds, args.steps, one, per_call)
+        modes = args.group_modes.split(",")
+        res["group"] = group_times(conv_step, setup, args.group, args.rounds, args.steps, one, per_call, modes)
         g = res["group"]
         print(f"group of {args.group} in one program, seconds per model-step (one model: {g['one']:.4f}):")
-        for mode in ("sequential", "vmap"):
+        for mode in modes:
             print(f"  {mode:10s} {g[mode]:.4f}  ({g[mode] / g['one']:.2f}× one model's)")
     if args.layers:
         res["layers"] = {"vaekl": conv_step.layer_times(args.steps * args.rounds)}
@@ -184,14 +186,14 @@ def main() -> None:
             json.dump(res, f, indent=1)
 
 
-def group_times(conv_step, setup, r: int, rounds: int, steps: int, one, per_call: int) -> dict[str, float]:
+def group_times(conv_step, setup, r: int, rounds: int, steps: int, one, per_call: int,
+                modes=("sequential", "vmap")) -> dict[str, float]:
     import numpy as np  # pylint: disable=g-import-not-at-top
-    fns = {mode: conv_step.compiled_step(setup, group=r, members=mode, num_steps=per_call)
-           for mode in ("sequential", "vmap")}
+    fns = {mode: conv_step.compiled_step(setup, group=r, members=mode, num_steps=per_call) for mode in modes}
     for fn in fns.values():
         fn()
     calls = max(1, steps // per_call)
-    t = {"one": [], "sequential": [], "vmap": []}
+    t = {"one": [], **{mode: [] for mode in modes}}
     for _ in range(rounds):
         t["one"] += [x / per_call for x in median_times(one, calls)]
         for mode, fn in fns.items():

@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from vaekl import regularizers
+from vaekl import disentanglement, regularizers
 from vaekl.models.likelihoods import LIKELIHOODS
 from vaekl.models.priors import PRIORS
 from vaekl.models.vae import MODELS
@@ -70,6 +70,7 @@ def defaults() -> ml_collections.ConfigDict:
     # Disentanglement metrics along training (datasets with ground-truth factors; vaekl.trajectory):
     c.metric_every = 0            # steps between rows of disentanglement.jsonl (0: off)
     c.metric_options = ""         # JSON {metric: {argument: value}} over disentanglement_lib's sizes
+    c.metric_names = ("mig", "factor_vae_score", "dci")  # the metrics along training (the report draws these)
     for name, field in regularizers.FIELDS.items():
         c[name] = field.default
     return c
@@ -151,6 +152,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least(config, "metric_every", 0, integer=True)
     if not isinstance(config.metric_options, str):
         raise ValueError(f"config.metric_options={config.metric_options!r} must be a JSON string")
+    unknown = [m for m in config.metric_names if m not in disentanglement.METRICS]
+    if unknown or not config.metric_names:
+        raise ValueError(f"config.metric_names={tuple(config.metric_names)!r}: choose one or more of "
+                         f"{tuple(disentanglement.METRICS)}")
     _at_least(config, "active_units_threshold", 0.0)
     for field in ("learning_rate", "likelihood_sigma", "adam_eps"):
         if not _number(config, field) > 0:

@@ -56,7 +56,7 @@ CHECKPOINT_CONFIG = "vaekl_config"  # the config's key in a checkpoint's custom 
 # Fields that may change between a run and its resumption (they do not change the model).
 RESUMABLE_CHANGES = ("num_steps", "eval_every", "log_every", "checkpoint_every",
                      "keep_checkpoints", "num_images", "steps_per_call", "metric_every",
-                     "metric_options")
+                     "metric_options", "metric_names")
 
 
 # ----------------------------------------------------------------------------------------

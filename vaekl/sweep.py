@@ -201,8 +201,8 @@ def bytes_per_run(config: ml_collections.ConfigDict, num_params: int, image_size
     from vaekl import train  # pylint: disable=g-import-not-at-top
 
     widths = sum(config.encoder_hidden) + sum(config.decoder_hidden) + 4 * config.latent_dim
-    if config.model == "conv":
-        widths += 2 * image_size * sum(config.conv_channels)
+    if config.model == "conv":  # stride-2 layers: layer i's output has image_size / 4^(i+1) positions
+        widths += 2 * sum(image_size // 4 ** (i + 1) * c for i, c in enumerate(config.conv_channels))
     act = (config.batch_size + config.eval_batch_size) * (3 * image_size + 2 * widths)
     tc = 2 * config.latent_dim * (config.batch_size ** 2 + train.CPU_UNROLL_BATCHES * config.eval_batch_size ** 2)
     return 4 * (4 * num_params + 2 * act + tc)

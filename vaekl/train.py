@@ -696,7 +696,8 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
         host_params = placement.to_host(state.params)
         for i, m in todo:
             params = slice_like(jax.tree.map(lambda a: a[i], host_params), m.initial.params)
-            result = trajectory.score(ds, m.graphdef, params, m.config.seed, metric_options)
+            result = trajectory.score(ds, m.graphdef, params, m.config.seed, metric_options,
+                                      metrics=tuple(config.metric_names))
             trajectory.record(m.workdir, step, result)
             logging.info("%s step %d: MIG %.3f  FactorVAE %.3f  DCI-D %.3f (%s, %.0f s)", m.workdir, step,
                          result["scores"].get("mig", float("nan")),

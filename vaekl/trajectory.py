@@ -37,7 +37,7 @@ __all__ = ["FILE", "METRIC_FIELDS", "due", "parse_options", "read", "record", "r
            "score", "truncate"]
 
 FILE = "disentanglement.jsonl"
-METRIC_FIELDS = ("metric_every", "metric_options")  # the config fields read here
+METRIC_FIELDS = ("metric_every", "metric_options", "metric_names")  # the config fields read here
 _NOT_SCORES = ("step", "sample_sizes", "representation", "seconds", "table_seconds")
 
 

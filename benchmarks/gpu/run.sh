@@ -22,13 +22,13 @@ export PYTHONUNBUFFERED=1 JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT
 MNIST=${VAEKL_MNIST_NPZ:-.gpu_data/mnist_partial.npz}
 if [ "$TINY" = --tiny ]; then
   T_TESTS=120 T_STEP=240 T_TRAIN=120 T_SWEEP=240 T_SLICE=400
-  TEST_SEL=(tests/test_kl.py -k "diag and not hypothesis")
+  TEST_SEL=(-k "run_map or impl_choice" tests/test_conv.py)
   STEP_ARGS=(--rounds 1 --steps 1 --group 2) TRAIN_ARGS=(--steps 20) SWEEP_ARGS=(--steps 20 --grid "beta=1,4" --sequential_runs 1 --skip_local)
   SLICE_ARGS=(--tiny)
 else
-  T_TESTS=150 T_STEP=60 T_TRAIN=45 T_SWEEP=90 T_SLICE=250
-  TEST_SEL=(-m device -n 4)
-  STEP_ARGS=(--rounds 5 --steps 20 --group 12 --torch_python python3 --device_torch cuda)
+  T_TESTS=100 T_STEP=50 T_TRAIN=35 T_SWEEP=70 T_SLICE=300
+  TEST_SEL=(-m "device and not slow" -n 4 tests)
+  STEP_ARGS=(--rounds 5 --steps 200 --group 12 --group_modes vmap --torch_python python3 --device_torch cuda)
   TRAIN_ARGS=(--steps 2000)
   SWEEP_ARGS=(--steps 2000 --grid 'beta=0.25,0.5,1,2,4,8,16,32 latent_dim=2,4,8,16,32,64,96,128' --sequential_runs 2 --skip_local)
   SLICE_ARGS=(--seconds $((T_SLICE - 70)))
@@ -53,7 +53,7 @@ json.dump({'backend': jax.default_backend(), 'devices': [x.device_kind for x in 
            'flax': flax.__version__, 'optax': optax.__version__, 'numpy': numpy.__version__,
            'python': sys.version.split()[0]}, open('$OUT/env.json', 'w'), indent=1)
 print(open('$OUT/env.json').read())"
-JAX_PLATFORMS= part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" "${TEST_SEL[@]}" tests
+JAX_PLATFORMS= part tests "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" "${TEST_SEL[@]}"
 part conv_step "$T_STEP" "$PY" benchmarks/bench_vs_pytorch.py --no_pin "${STEP_ARGS[@]}" --out "$OUT/conv_step.json"
 if [ -n "$MNIST" ]; then part train "$T_TRAIN" "$PY" benchmarks/bench_train.py --data "$MNIST" "${TRAIN_ARGS[@]}"; fi
 part sweep "$T_SWEEP" "$PY" benchmarks/bench_sweep.py "${SWEEP_ARGS[@]}"
