@@ -9,16 +9,23 @@ disagreed with the code.
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import math
 import os
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vaekl import estimators, regularizers
+from vaekl import cli, data, estimators, regularizers, runs, sweep, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,3 +73,192 @@ def test_tcvae_equals_disentanglement_lib_only_with_mws_and_says_so():
     assert "α = γ = 1 with `tc_estimator=mws`" in claim and "`mss`" in claim
     doc = re.sub(r"\s+", " ", regularizers.tcvae.__doc__)
     assert 'At α = γ = 1 with ``tc_estimator="mws"``' in doc and '"mss"' in doc
+
+
+# --------------------------------------------------------------------------------------
+# Faults: torn rows, garbage config.json, oversized batches, bad .npz files, disk full.
+
+
+def tiny(**overrides):
+    from test_runs import tiny_config  # pylint: disable=g-import-not-at-top
+    return tiny_config(**{**dict(num_steps=4, eval_every=2, log_every=2, checkpoint_every=2,
+                                 num_eval_train=64), **overrides})
+
+
+@pytest.fixture(scope="module")
+def sweep_dirs(tmp_path_factory):
+    """Two finished tiny runs of one vmapped group (β = 1, 2): (configs, run directories)."""
+    root = tmp_path_factory.mktemp("sweep")
+    configs = [tiny(beta=b) for b in (1.0, 2.0)]
+    dirs = [str(root / f"beta={b}") for b in (1.0, 2.0)]
+    assert sweep.run_groups([c.to_dict() for c in configs], dirs) == [None, None]
+    return configs, dirs
+
+
+def copies(dirs, tmp_path):
+    out = [str(tmp_path / os.path.basename(d)) for d in dirs]
+    for d, o in zip(dirs, out):
+        shutil.copytree(d, o, ignore=shutil.ignore_patterns(runs.LOCK))
+    return out
+
+
+def tear_last_line(run_dir) -> int:
+    """Cuts metrics.jsonl's last line in half (outside damage); returns that row's step."""
+    path = os.path.join(run_dir, runs.METRICS)
+    text = open(path).read()
+    head, last = text[:-1].rsplit("\n", 1)
+    open(path, "w").write(head + "\n" + last[:len(last) // 2])
+    return json.loads(last)["step"]
+
+
+@pytest.mark.slow
+def test_torn_row_the_checkpoint_covers_fails_its_run_alone(sweep_dirs, tmp_path):
+    configs, dirs = sweep_dirs
+    torn, whole = copies(dirs, tmp_path)
+    assert tear_last_line(torn) == 4 == runs.latest_checkpoint(torn)
+    with pytest.raises(ValueError, match=r"metrics.jsonl: its last line is torn, a row of step 4 .* "
+                                         r"checkpoint step 4, losing that row for good; restore"):
+        train.train_and_evaluate(configs[0], torn)
+    message = sweep.check_run(configs[0], torn)  # what the launcher's table shows for the member
+    assert message is not None and "its last line is torn" in message and torn in message
+    assert sweep.check_run(configs[1], whole) is None
+    errors = sweep.run_groups([c.to_dict() for c in configs], [torn, whole])
+    assert "its last line is torn" in errors[0] and errors[1] is None
+    # A torn row after the checkpoint (a crash before saving) is recomputed: no error.
+    runs.MetricsLog(os.path.join(whole, runs.METRICS)).truncate(2)
+    with open(os.path.join(whole, runs.METRICS), "a") as f:
+        f.write('{"step": 5, "split": "tr')
+    runs.check_torn_row(whole, 4)
+    with pytest.raises(ValueError, match="step is unreadable"):
+        runs.check_torn_row(_with_last(whole, '{"st'), 4)
+
+
+def _with_last(run_dir, fragment):
+    runs.MetricsLog(os.path.join(run_dir, runs.METRICS)).truncate(2)
+    with open(os.path.join(run_dir, runs.METRICS), "a") as f:
+        f.write(fragment)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("garbage", ["", "garbage\n", "[1, 2]", "\xff\xfe"])
+def test_garbage_config_json_is_recovered_from_the_checkpoint_or_named(sweep_dirs, tmp_path, caplog, garbage):
+    configs, dirs = sweep_dirs
+    (run,) = copies(dirs[:1], tmp_path)
+    want = runs.read_config(run)
+    with open(os.path.join(run, runs.CONFIG), "w", encoding="latin-1") as f:
+        f.write(garbage)
+    with caplog.at_level(logging.WARNING):
+        assert runs.read_config(run).to_dict() == want.to_dict()
+    assert "config.json is not a readable config" in caplog.text and "checkpoint step 4" in caplog.text
+    runs.check_config(run, configs[0].to_dict())  # resuming works, and rewrites the file
+    assert sweep.check_run(configs[0], run) is None
+    shutil.rmtree(os.path.join(run, runs.CHECKPOINTS))
+    path = os.path.join(run, runs.CONFIG)
+    with pytest.raises(ValueError) as e:
+        runs.read_config(run)
+    assert str(e.value).startswith(f"{path} is not a readable config (") and "restore the file" in str(e.value)
+    assert "\n" not in cli.one_line(e.value)
+
+
+@pytest.mark.slow
+def test_oversized_batch_is_refused_before_writing_and_the_corrected_command_works(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"config.batch_size=5000 is larger than the 1438 training images of "
+                                         r"dataset 'digits'; use --config.batch_size=1438 or less"):
+        train.train_and_evaluate(tiny(batch_size=5000), run)
+    assert not os.path.exists(run)
+    with pytest.raises(ValueError, match=r"larger than the 1238 training images .* after validation_size=200"):
+        train.train_and_evaluate(tiny(batch_size=1300, validation_size=200), run)
+    assert not os.path.exists(run)
+    train.train_and_evaluate(tiny(num_steps=2, checkpoint_every=2, eval_every=2, log_every=2), run)
+    assert runs.latest_checkpoint(run) == 2
+
+
+def test_bad_npz_files_fail_with_one_line_naming_the_file(tmp_path):
+    good = str(tmp_path / "good.npz")
+    x = np.zeros((20, 8, 8), np.uint8)
+    np.savez_compressed(good, x_train=np.random.default_rng(0).integers(0, 255, (500, 8, 8), np.uint8),
+                        x_test=x)
+    assert data.load("npz", good).train_images.shape == (500, 8, 8, 1)
+    truncated = str(tmp_path / "truncated.npz")
+    blob = open(good, "rb").read()
+    text = str(tmp_path / "text.npz")
+    open(text, "w").write("x_train,x_test\n1,2\n")
+    for path, dataset in [(truncated, "npz"), (text, "npz"), (truncated, "dsprites_npz"), (text, "dsprites_npz")]:
+        for cut in (len(blob) // 2, len(blob) - 10):
+            open(truncated, "wb").write(blob[:cut])
+            with pytest.raises(ValueError) as e:
+                data.load(dataset, path)
+            message = cli.one_line(e.value)
+            assert path in message and message == str(e.value), message
+            assert ("is not an .npz file" if path == text else "is damaged or truncated") in message
+            assert "pickled" not in message
+
+
+def test_data_dir_with_a_dataset_that_reads_no_files_is_refused(tmp_path):
+    for name in ("digits", "dsprites"):
+        with pytest.raises(ValueError, match=rf"dataset '{name}' reads no files, yet data_dir='/some/dir' was "
+                                             r"given; drop --config.data_dir"):
+            data.load(name, "/some/dir")
+    assert data.load("digits", "").train_images.shape[0] == 1438  # the default: no data_dir
+
+
+def test_data_dir_with_digits_writes_nothing(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="reads no files"):
+        train.train_and_evaluate(tiny(data_dir=str(tmp_path)), run)
+    assert not os.path.exists(run)
+
+
+def test_disk_full_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / runs.EVAL)
+    runs.atomic_write(path, '{"old": 1}')
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(runs.WriteFailed) as e:
+        runs.atomic_write(path, '{"new": 2}')
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert isinstance(e.value, cli.USER_ERRORS) and e.value.errno == errno.ENOSPC
+    assert cli.one_line(e.value).startswith(f"cannot write {path}: No space left on device; it is unchanged")
+    assert os.listdir(tmp_path) == [runs.EVAL] and json.load(open(path)) == {"old": 1}
+    # Temporaries a killed writer left are removed by the next successful write; a live
+    # writer's (here the parent process's) or a fresh one is not.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale, live, fresh = (f"{path}.tmp{dead}", f"{path}.tmp{os.getppid()}", f"{path}.tmp{int(dead) + 1}")
+    for p in (stale, live, fresh):
+        open(p, "w").write("{")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    os.utime(live, (old, old))
+    runs.atomic_write(path, '{"new": 2}')
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (path, live, fresh))
+
+
+@pytest.mark.slow
+def test_disk_full_during_eval_json_is_one_line_through_the_cli(sweep_dirs, tmp_path):
+    (run,) = copies(sweep_dirs[1][:1], tmp_path)
+    script = textwrap.dedent(f"""
+        import errno, os, sys
+        from vaekl import cli, evaluate
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        def main(argv):
+            os.fsync = full
+            evaluate.evaluate_run({run!r}, num_samples=2, num_draws=2, disentanglement=False)
+        cli.main(main, [sys.argv[0]])
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == cli.EXIT_USER_ERROR, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {os.path.join(run, runs.EVAL)}: No space left on device; it is unchanged "
+        f"(free space or fix the error, then run the command again)")
+    assert "Traceback" not in out.stderr
+    assert not [f for f in os.listdir(run) if f.startswith(runs.EVAL)]

@@ -16,16 +16,18 @@ from collections.abc import Callable
 import hashlib
 import itertools
 import json
+import logging as pylogging
 import math
 import os
 import traceback
 from typing import Any
 
-from absl import logging
 import ml_collections
 
 from vaekl import config as config_lib
 from vaekl import runs
+
+log = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # Run status and checkpoints: the run directory's business (kept here as aliases).
 status = runs.status
@@ -246,12 +248,14 @@ def fitting_group_size(configs: list[ml_collections.ConfigDict], ds, devices=Non
 def check_run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     """None if ``workdir`` can be trained as ``config``, else why not, in one line naming the
     run directory: an unreadable or different config.json, a metrics.jsonl with an invalid
-    line before its last, or a num_steps change the run's schedules forbid. Reads only."""
+    line before its last or a torn last row that resuming would lose, or a num_steps change
+    the run's schedules forbid. Reads only."""
     from vaekl import train  # pylint: disable=g-import-not-at-top
 
     checks = ((runs.CONFIG, lambda: runs.check_config(workdir, config.to_dict())),
               (runs.METRICS, lambda: runs.MetricsLog(os.path.join(workdir, runs.METRICS)).read()),
-              (runs.CONFIG, lambda: train._check_extension(workdir, config)))  # pylint: disable=protected-access
+              (runs.CONFIG, lambda: train._check_extension(workdir, config)),  # pylint: disable=protected-access
+              (runs.METRICS, lambda: train.check_metrics(workdir)))
     for name, check in checks:
         try:
             check()
@@ -380,8 +384,8 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
                     errors[i] = f"{type(e).__name__}: {' '.join(str(e).split())}"
                 continue
             mine = [members[j] for j in placement.local_runs]  # the runs this process writes
-            logging.info("training %s in one program: %s", placement.describe(),
-                         ", ".join(os.path.basename(workdirs[i]) for i in members))
+            log.info("training %s in one program: %s", placement.describe(),
+                     ", ".join(os.path.basename(workdirs[i]) for i in members))
             try:
                 with sharding.use(placement):
                     results = train.train_group([configs[i] for i in mine], [workdirs[i] for i in mine],
@@ -389,7 +393,7 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
                                                 group=[os.path.basename(os.path.normpath(workdirs[i]))
                                                        for i in members])
             except Exception as e:  # pylint: disable=broad-except
-                logging.error("group failed: %s", traceback.format_exc())
+                log.error("group failed: %s", traceback.format_exc())
                 results = [e] * len(mine)
             for i, r in zip(mine, results):
                 errors[i] = f"{type(r).__name__}: {' '.join(str(r).split())}" if isinstance(r, Exception) else None
