@@ -262,3 +262,47 @@ def test_disk_full_during_eval_json_is_one_line_through_the_cli(sweep_dirs, tmp_
         f"(free space or fix the error, then run the command again)")
     assert "Traceback" not in out.stderr
     assert not [f for f in os.listdir(run) if f.startswith(runs.EVAL)]
+
+
+# --------------------------------------------------------------------------------------
+# A new user's first day.
+
+
+def test_library_logs_stay_quiet_in_a_clone_named_vaekl(tmp_path):
+    """A clone named ``vaekl`` holds its libraries under ``vaekl/.venv``: records are kept by
+    logger name, so a library's INFO lines (orbax's, through absl's logger, or a std logger)
+    are dropped there, its warnings and vaekl's own INFO lines (named loggers) kept."""
+    clone = tmp_path / "vaekl"
+    shutil.copytree(os.path.join(REPO, "vaekl"), clone / "vaekl",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    site = clone / ".venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    (site / "chattylib.py").write_text(textwrap.dedent("""
+        import logging as pylogging
+        from absl import logging
+        def chatter():
+            for i in range(50):
+                logging.info("absl library info %d", i)  # orbax logs every file operation so
+                pylogging.getLogger("chattylib").info("std library info %d", i)
+            logging.warning("a library warning")
+    """))
+    script = textwrap.dedent("""
+        import logging, sys
+        import chattylib
+        from vaekl import cli
+        def main(argv):
+            cli.quiet_library_logs()
+            chattylib.chatter()
+            logging.getLogger("vaekl.train").info("step 1/1 progress")
+            logging.getLogger("experiments.train").info("final test: neg_elbo 1.0")
+        cli.main(main, [sys.argv[0]])
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{clone}:{site}")
+    out = subprocess.run([sys.executable, "-c", script], cwd=clone, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import vaekl as pkg  # pylint: disable=g-import-not-at-top
+    assert pkg.__file__.startswith(REPO)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 3, lines[:10]
+    assert "a library warning" in lines[0] and "step 1/1 progress" in lines[1] and "final test" in lines[2]
