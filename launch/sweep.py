@@ -55,7 +55,7 @@ log = pylogging.getLogger("launch.sweep")  # by name: cli.quiet_library_logs kee
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base ml_collections config file.",
                                           lock_config=False)
 _SWEEP = flags.DEFINE_string("sweep", None, "Grid, e.g. 'beta=0.5,1,4 latent_dim=2,8 seed=0,1'. "
-                             "Default: the config file's get_sweep().")
+                             "Default (also when empty): the config file's get_sweep().")
 _BACKEND = flags.DEFINE_enum("backend", "vmap", ["vmap", "local", "slurm"], "Where runs execute.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory; each run in WORKDIR/<run name>.")
 _RETRIES = flags.DEFINE_integer("retries", 1, "Extra attempts for a failed run.")
@@ -431,18 +431,26 @@ def train_all(todo: list[Run], backend) -> None:
                 t0 = time.monotonic()
 
 
+def sweep_spec(flag: str | None, config_file: str, config: ml_collections.ConfigDict) -> str:
+    """The grid to run: ``--sweep``, or when it is absent or empty (``--sweep=''``) the config
+    file's ``get_sweep()`` (``get_sweep(config)`` if it takes an argument)."""
+    if flag is not None and flag.strip():
+        return flag
+    get_sweep = runpy.run_path(config_file).get("get_sweep")
+    if get_sweep is None:
+        given = "an empty --sweep" if flag is not None else "no --sweep"
+        raise app.UsageError(f"{given} given and {config_file} has no get_sweep(); pass "
+                             f"--sweep='FIELD=V1,V2 ...'")
+    takes_config = bool(inspect.signature(get_sweep).parameters)
+    return get_sweep(config) if takes_config else get_sweep()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-    spec = _SWEEP.value
-    if spec is None:
-        get_sweep = runpy.run_path(config_file).get("get_sweep")
-        if get_sweep is None:
-            raise app.UsageError(f"no --sweep given and {config_file} has no get_sweep()")
-        takes_config = bool(inspect.signature(get_sweep).parameters)
-        spec = get_sweep(_CONFIG.value) if takes_config else get_sweep()
+    spec = sweep_spec(_SWEEP.value, config_file, _CONFIG.value)
     runs_lib.check_writable(_WORKDIR.value)
     runs = expand(_CONFIG.value, spec, _WORKDIR.value)
     for run in runs:

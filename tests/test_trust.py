@@ -306,3 +306,38 @@ def test_library_logs_stay_quiet_in_a_clone_named_vaekl(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 3, lines[:10]
     assert "a library warning" in lines[0] and "step 1/1 progress" in lines[1] and "final test" in lines[2]
+
+
+def test_unknown_sweep_field_says_did_you_mean():
+    from test_runs import tiny_config  # pylint: disable=g-import-not-at-top
+    with pytest.raises(ValueError, match=r"^sweep: unknown config field 'bta' in 'bta=1,2'; did you mean beta\?$"):
+        sweep.parse("bta=1,2 seed=0,1", tiny_config())
+    with pytest.raises(ValueError, match=r"unknown config field 'zzzzzz' .*; the fields are the config's$"):
+        sweep.parse("zzzzzz=1", tiny_config())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--sweep=", "--sweep= "])
+def test_empty_sweep_flag_uses_the_configs_get_sweep(tmp_path, flag):
+    """``--sweep=''`` means the config file's own grid (here a misspelt one, so that the
+    launcher stops at once with its one-line error instead of training a run named base)."""
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(textwrap.dedent("""
+        from vaekl import config as config_lib
+        def get_config():
+            c = config_lib.defaults()
+            c.encoder_hidden, c.decoder_hidden, c.latent_dim, c.batch_size = (8,), (8,), 2, 16
+            c.num_steps = c.eval_every = c.log_every = c.checkpoint_every = 2
+            c.num_eval_train = 64
+            return c
+        def get_sweep():
+            return "bta=1,2"
+    """))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-m", "launch.sweep", f"--config={config_file}", flag,
+                          f"--workdir={tmp_path / 'sweep'}"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == cli.EXIT_USER_ERROR, out.stdout + out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: sweep: unknown config field 'bta' in 'bta=1,2'; did you mean beta?")
+    assert not os.path.exists(tmp_path / "sweep" / "base")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Callable
+import difflib
 import hashlib
 import itertools
 import json
@@ -71,7 +72,9 @@ def parse(spec: str, base: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         if not sep or not values:
             raise ValueError(f"sweep: expected FIELD=V1,V2,... but got {item!r}")
         if field not in base:
-            raise ValueError(f"sweep: unknown config field {field!r}")
+            near = difflib.get_close_matches(field, [str(k) for k in base.keys()], n=1)
+            raise ValueError(f"sweep: unknown config field {field!r} in {item!r}; "
+                             + (f"did you mean {near[0]}?" if near else "the fields are the config's"))
         if any(field == f for f, _ in axes):
             raise ValueError(f"sweep: field {field!r} is given twice")
         sep = ";" if isinstance(base[field], tuple) else ","
