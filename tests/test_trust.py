@@ -341,3 +341,66 @@ def test_empty_sweep_flag_uses_the_configs_get_sweep(tmp_path, flag):
     assert out.stderr.strip().splitlines()[-1] == (
         "error: sweep: unknown config field 'bta' in 'bta=1,2'; did you mean beta?")
     assert not os.path.exists(tmp_path / "sweep" / "base")
+
+
+# --------------------------------------------------------------------------------------
+# Numbers shown with their caveat.
+
+
+def test_report_states_the_mi_bound_and_the_tc_standard_error(tmp_path):
+    from test_report import fake_run  # pylint: disable=g-import-not-at-top
+    from vaekl import analysis, report  # pylint: disable=g-import-not-at-top
+    root = str(tmp_path)
+    n_test, n_train = 359, 1438
+    for seed, tc in ((0, -0.039), (1, -0.041)):
+        ev = {"nll": 95.0, "nll_se": 0.2, "mutual_info": math.log(n_test) - 0.001, "mutual_info_se": 0.001,
+              "index_code_mi": math.log(n_test) - 0.001, "index_code_mi_se": 0.001,
+              "total_correlation": tc, "total_correlation_se": 0.012, "dimwise_kl": 1.0, "dimwise_kl_se": 0.01,
+              "num_test": n_test,
+              "disentanglement": {"gaussian_total_correlation_score.gaussian_total_correlation": 0.5}}
+        run = fake_run(root, {"beta": 1.0, "seed": seed}, eval_json=ev,
+                       meta={"train_size": n_train, "image_shape": [8, 8, 1]})
+        path = os.path.join(run, runs.METRICS)  # the logged batch MI: saturated at log N (training images)
+        rows = [json.loads(line) for line in open(path).read().splitlines()[:-1]]
+        for r in rows:
+            r["index_code_mi"] = math.log(n_train) - 0.002 * (r["split"] == "train")
+        open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
+    df = analysis.load_sweep(root)
+    (summary,) = report.summary_rows(df)
+    mi = f"MI (≤ log N = {math.log(n_test):.2f})"
+    assert summary[mi] == f"{math.log(n_test) - 0.001:.2f} ± 0.00 (= log N)"
+    se = math.sqrt(2 * 0.012 ** 2) / 2
+    assert summary["TC of q(z) (± se)"] == f"{-0.04:.2f} ± {se:.2f}"  # no longer a bare −0.04
+    rows = report.run_rows(df)
+    assert rows[0][f"MI (log) (≤ log N = {math.log(n_train):.2f})"] == "7.27 (= log N)"
+    assert rows[0][f"MI (eval) (≤ log N = {math.log(n_test):.2f})"].endswith("(= log N)")
+    assert rows[0]["TC of q(z) (eval)"] == "-0.04 ± 0.01"
+    assert rows[0]["Gaussian TC of the means (not of q(z))"] == "0.500"
+    page = open(report.write_report(root)).read()
+    assert "at most log N" in page and "negative estimate is noise" in page
+
+
+def test_eval_json_defines_its_two_total_correlations():
+    from vaekl import evaluate  # pylint: disable=g-import-not-at-top
+    d = evaluate.DEFINITIONS
+    assert "aggregate posterior q(z)" in d["total_correlation"] and "noise" in d["total_correlation"]
+    gauss = d["disentanglement.gaussian_total_correlation_score.gaussian_total_correlation"]
+    assert "posterior means" in gauss and "not of q(z)" in gauss
+    assert "log N" in d["mutual_info"]
+    section = re.sub(r"\s+", " ", _readme().split("## Evaluation", 1)[1].split("\n## ", 1)[0])
+    assert "`definitions`" in section and "Gaussian fitted to the posterior means" in section
+
+
+@pytest.mark.slow
+def test_eval_json_carries_the_definitions_and_keeps_its_keys(sweep_dirs, tmp_path):
+    from vaekl import evaluate  # pylint: disable=g-import-not-at-top
+    (run,) = copies(sweep_dirs[1][:1], tmp_path)
+    r = evaluate.evaluate_run(run, num_samples=2, num_draws=2, disentanglement=False)
+    saved = json.load(open(os.path.join(run, runs.EVAL)))
+    assert saved == json.loads(json.dumps(r))
+    for key in ("mutual_info", "total_correlation", "total_correlation_se", "index_code_mi", "dimwise_kl",
+                "marginal_kl", "num_test"):
+        assert isinstance(saved[key], (int, float)), key
+    assert set(saved["definitions"]) == {"mutual_info", "total_correlation", "dimwise_kl", "marginal_kl"}
+    from vaekl import analysis  # pylint: disable=g-import-not-at-top
+    assert "eval_definitions" not in analysis.per_run(analysis.load_sweep(run)).columns
