@@ -404,3 +404,24 @@ def test_eval_json_carries_the_definitions_and_keeps_its_keys(sweep_dirs, tmp_pa
     assert set(saved["definitions"]) == {"mutual_info", "total_correlation", "dimwise_kl", "marginal_kl"}
     from vaekl import analysis  # pylint: disable=g-import-not-at-top
     assert "eval_definitions" not in analysis.per_run(analysis.load_sweep(run)).columns
+
+
+# --------------------------------------------------------------------------------------
+# README facts.
+
+
+@pytest.mark.slow  # builds the conv model
+def test_a_dsprites_config_in_experiments_configs():
+    import runpy  # pylint: disable=g-import-not-at-top
+    path = os.path.join(REPO, "experiments", "configs", "dsprites_conv.py")
+    module = runpy.run_path(path)
+    c = module["get_config"]()
+    assert c.dataset == "dsprites" and c.model == "conv"
+    assert [p["beta"] for p in sweep.parse(module["get_sweep"](), c)][:2] == [1.0, 1.0]
+    assert "experiments/configs/dsprites_conv.py" in _readme()
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top
+    config_lib.validate(c)
+    graphdef, state, _ = train.create(c, (64, 64, 1))  # the model builds for dSprites' 64×64 images
+    q = nnx.merge(graphdef, state.params).encode(jnp.zeros((2, 64, 64, 1)))
+    assert q.mean.shape == (2, c.latent_dim)
