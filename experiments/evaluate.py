@@ -16,7 +16,7 @@ from vaekl import cli
 from vaekl import evaluate
 from vaekl import runs
 
-log = pylogging.getLogger("experiments.evaluate")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
+LOG = pylogging.getLogger("experiments.evaluate")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory, or a sweep directory of runs.")
 _K = flags.DEFINE_integer("num_samples", 5000, "Importance samples K per test example.")
@@ -65,12 +65,12 @@ def main(argv):
                                   metric_options=json.loads(_OPTIONS.value) if _OPTIONS.value else None)
         elapsed = time.perf_counter() - start
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        log.info("%s (step %d): NLL %.3f ± %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + TC %.3f + "
+        LOG.info("%s (step %d): NLL %.3f ± %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + TC %.3f + "
                  "dimwise %.3f  AU %d%s", run, r["step"], r["nll"], r["nll_se"], r["num_samples"],
                  r["neg_elbo"], r["kl"], r["mutual_info"], r["total_correlation"], r["dimwise_kl"],
                  r["active_units"],
                  "  MIG %.3f" % r["disentanglement"]["mig"] if "disentanglement" in r else "")
-        log.info("progress: %d/%d runs evaluated, elapsed %.0f s, ETA %.0f s", i + 1, len(todo),
+        LOG.info("progress: %d/%d runs evaluated, elapsed %.0f s, ETA %.0f s", i + 1, len(todo),
                  elapsed, eta)
         print(f"{run}: nll {r['nll']:.3f}  neg_elbo {r['neg_elbo']:.3f}  active units {r['active_units']}")
 

@@ -20,7 +20,7 @@ from vaekl import cli
 from vaekl import runs
 from vaekl import train
 
-log = pylogging.getLogger("experiments.train")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
+LOG = pylogging.getLogger("experiments.train")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -40,7 +40,7 @@ def main(argv):
     with lock:
         rows = train.train_and_evaluate(_CONFIG.value, workdir)
     for row in rows:
-        log.info("final %s: neg_elbo %.3f recon %.3f kl %.3f active units %d", row["split"],
+        LOG.info("final %s: neg_elbo %.3f recon %.3f kl %.3f active units %d", row["split"],
                  row["neg_elbo"], row["recon"], row["kl"], row["active_units"])
     print(f"results in {workdir}")
 

@@ -50,7 +50,7 @@ from vaekl import cli
 from vaekl import runs as runs_lib
 from vaekl import sweep as sweep_lib
 
-log = pylogging.getLogger("launch.sweep")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
+LOG = pylogging.getLogger("launch.sweep")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base ml_collections config file.",
                                           lock_config=False)
@@ -143,7 +143,7 @@ def backend_vmap(runs: list[Run]) -> None:
         def on_program(members: list[int], program: dict, errors: list[str | None], last=attempt == _RETRIES.value):
             nonlocal done
             done += sum(e is None or last or runs_lib.LOCKED_MARK in e for e in errors)
-            log.info("progress: %s; last program: %s", progress(done, len(runs), time.monotonic() - t0),
+            LOG.info("progress: %s; last program: %s", progress(done, len(runs), time.monotonic() - t0),
                      program_text(program))
 
         reports = sweep_lib.run_groups([r.config.to_dict() for r in todo], [r.workdir for r in todo],
@@ -270,7 +270,7 @@ def backend_local(runs: list[Run], config_file: str) -> None:
                     proc = subprocess.Popen(train_command(config_file, file_config, run), env=env,
                                             stdout=log, stderr=subprocess.STDOUT)
                 running[slot] = (run, proc, log_path)
-                log.info("started %s (attempt %d, pid %d)%s", run.name, run.attempts + 1, proc.pid,
+                LOG.info("started %s (attempt %d, pid %d)%s", run.name, run.attempts + 1, proc.pid,
                          f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if len(gpus) > 1 else "")
             time.sleep(0.1)
             for slot, (run, proc, log_path) in list(running.items()):
@@ -280,13 +280,13 @@ def backend_local(runs: list[Run], config_file: str) -> None:
                 with open(log_path, errors="replace") as f:
                     tail = f.read()[-5000:]
                 _finish(run, None if proc.returncode == 0 else cli.child_error(tail, proc.returncode, log_path))
-                log.info("%s %s (exit %d)%s", run.name, run.outcome, proc.returncode,
+                LOG.info("%s %s (exit %d)%s", run.name, run.outcome, proc.returncode,
                          f": {run.error}" if run.outcome == "failed" else "")
                 if _retry(run) and run.attempts <= _RETRIES.value:
                     queue.append(run)
                 else:
                     done += 1
-                    log.info("progress: %s", progress(done, len(runs), time.monotonic() - t0))
+                    LOG.info("progress: %s", progress(done, len(runs), time.monotonic() - t0))
         if signals.received is not None:
             name = signal.Signals(signals.received).name
             stopping = [r.name for r, _, _ in running.values()]
@@ -329,7 +329,7 @@ def backend_slurm(runs: list[Run]) -> None:
         tasks = [[todo[i] for i in g] for g in sweep_lib.groups([r.config for r in todo], max_group, starts)]
         jobs = executor.map_array(call, [[r.config.to_dict() for r in t] for t in tasks],
                                   [[r.workdir for r in t] for t in tasks], [_MAX_GROUP.value] * len(tasks))
-        log.info("submitted %d Slurm task(s) of %d process(es) each: job %s", len(jobs),
+        LOG.info("submitted %d Slurm task(s) of %d process(es) each: job %s", len(jobs),
                  _NODES.value * _TASKS_PER_NODE.value, jobs[0].job_id.split("_")[0])
         for task, job in zip(tasks, jobs):
             try:
@@ -341,7 +341,7 @@ def backend_slurm(runs: list[Run]) -> None:
                 run.program = rep["program"] or run.program
             done += sum(not _retry(r) or attempt == _RETRIES.value for r in task)
             programs = {program_text(r.program) for r in task if r.program}
-            log.info("progress: %s; task %s: %s", progress(done, len(runs), time.monotonic() - t0),
+            LOG.info("progress: %s; task %s: %s", progress(done, len(runs), time.monotonic() - t0),
                      job.job_id, "; ".join(sorted(programs)) or "no program")
         todo = [r for r in todo if _retry(r)]
 
@@ -427,7 +427,7 @@ def train_all(todo: list[Run], backend) -> None:
                     print(f"{r.name}: released ({r.before}), training it", file=sys.stderr, flush=True)
                     todo.append(r)
             if waiting and time.monotonic() - t0 > 600:
-                log.info("still waiting for %s", ", ".join(r.name for r in waiting))
+                LOG.info("still waiting for %s", ", ".join(r.name for r in waiting))
                 t0 = time.monotonic()
 
 
@@ -462,7 +462,7 @@ def main(argv):
         if run.before == "done":
             run.outcome = "skipped"
     todo = [r for r in runs if r.outcome == "pending"]
-    log.info("sweep of %d runs: %d to train (%d to resume), %d already done", len(runs), len(todo),
+    LOG.info("sweep of %d runs: %d to train (%d to resume), %d already done", len(runs), len(todo),
              sum(r.before == "partial" for r in todo), len(runs) - len(todo))
     os.makedirs(_WORKDIR.value, exist_ok=True)
     backends = {"vmap": backend_vmap, "local": lambda rs: backend_local(rs, config_file),
@@ -470,7 +470,7 @@ def main(argv):
     try:
         train_all(todo, backends[_BACKEND.value])
     except Exception as e:  # pylint: disable=broad-except  (the table is printed whatever happens)
-        log.exception("the launcher failed")
+        LOG.exception("the launcher failed")
         for r in runs:
             if r.outcome == "pending":
                 r.outcome, r.error = "failed", f"launcher: {type(e).__name__}: {cli.one_line(e)}"[:300]

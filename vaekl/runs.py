@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-log = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # The layout.
 CONFIG = "config.json"
@@ -139,7 +139,7 @@ def _remove_stale_tmp(path: str) -> None:
         with contextlib.suppress(OSError):
             if now - os.path.getmtime(stale) > STALE_TMP_SECONDS and not _pid_alive(int(m.group(1))):
                 os.remove(stale)
-                log.info("removed %s, left by an interrupted write", stale)
+                LOG.info("removed %s, left by an interrupted write", stale)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -275,7 +275,7 @@ def read_config_json(run_dir: str) -> dict:
                          f"its config; restore the file from a copy, or delete {run_dir} to train the run afresh")
     if (path, problem) not in _WARNED:  # once per process, not on every read
         _WARNED.add((path, problem))
-        log.warning("%s is not a readable config (%s); using the config saved with checkpoint step %d "
+        LOG.warning("%s is not a readable config (%s); using the config saved with checkpoint step %d "
                     "(training this run again rewrites the file)", path, problem, saved[0])
     return saved[1]
 
@@ -350,13 +350,13 @@ class MetricsLog:
                     raise ValueError("not a JSON object")
             except ValueError as e:
                 if last or (i == len(lines) - 2 and not lines[-1].strip()):
-                    log.warning("%s: dropping a torn last line (%s): %r", self.path, e, line[:80])
+                    LOG.warning("%s: dropping a torn last line (%s): %r", self.path, e, line[:80])
                     self.torn = line
                     continue
                 raise ValueError(f"{self.path}, line {i + 1}: invalid metrics row ({e}): "
                                  f"{line[:80].decode(errors='replace')!r}") from None
             if last:  # valid JSON but no newline: the write was cut short
-                log.warning("%s: dropping a torn last line (no newline): %r", self.path, line[:80])
+                LOG.warning("%s: dropping a torn last line (no newline): %r", self.path, line[:80])
                 self.torn = line
                 continue
             rows.append(row)
@@ -376,7 +376,7 @@ class MetricsLog:
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line from a crash: cut it
                 with open(self.path, "rb") as f:
                     keep = f.read().rfind(b"\n") + 1
-                log.warning("%s: cutting a torn last line (%d bytes) before appending",
+                LOG.warning("%s: cutting a torn last line (%d bytes) before appending",
                             self.path, size - keep)
                 os.ftruncate(fd, keep)
             while data:  # one write() normally; loop only on a partial write
@@ -613,7 +613,7 @@ def image_shape(run_dir: str, config=None) -> tuple[int, int, int]:
     from vaekl import data  # pylint: disable=g-import-not-at-top
 
     config = config or read_config(run_dir)
-    log.info("%s has no %s: loading %s for the image shape", run_dir, META, config.dataset)
+    LOG.info("%s has no %s: loading %s for the image shape", run_dir, META, config.dataset)
     return tuple(data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
                            seed=config.data_seed).image_shape)
 

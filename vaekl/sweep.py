@@ -28,7 +28,7 @@ import ml_collections
 from vaekl import config as config_lib
 from vaekl import runs
 
-log = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # Run status and checkpoints: the run directory's business (kept here as aliases).
 status = runs.status
@@ -387,7 +387,7 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
                     errors[i] = f"{type(e).__name__}: {' '.join(str(e).split())}"
                 continue
             mine = [members[j] for j in placement.local_runs]  # the runs this process writes
-            log.info("training %s in one program: %s", placement.describe(),
+            LOG.info("training %s in one program: %s", placement.describe(),
                      ", ".join(os.path.basename(workdirs[i]) for i in members))
             try:
                 with sharding.use(placement):
@@ -396,7 +396,7 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
                                                 group=[os.path.basename(os.path.normpath(workdirs[i]))
                                                        for i in members])
             except Exception as e:  # pylint: disable=broad-except
-                log.error("group failed: %s", traceback.format_exc())
+                LOG.error("group failed: %s", traceback.format_exc())
                 results = [e] * len(mine)
             for i, r in zip(mine, results):
                 errors[i] = f"{type(r).__name__}: {' '.join(str(r).split())}" if isinstance(r, Exception) else None

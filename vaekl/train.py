@@ -34,7 +34,7 @@ from vaekl import metrics as metrics_lib
 from vaekl import config as config_lib
 from vaekl.models import vae as vae_lib
 
-log = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # Per-run values of the optimizer (the objective's come from vaekl.regularizers.FIELDS).
 OPTIMIZER_PER_RUN = ("learning_rate",)
@@ -357,7 +357,7 @@ class Member:
         try:
             self.close()
         except Exception as e:  # pylint: disable=broad-except
-            log.warning("closing %s after a failure: %s", self.workdir, e)
+            LOG.warning("closing %s after a failure: %s", self.workdir, e)
 
 
 # A vmapped group's step is committed atomically: every member saves step s, the group waits
@@ -393,7 +393,7 @@ def read_group_commit(workdir: str) -> dict | None:
             raise ValueError("not {step, members}")
         return marker
     except (ValueError, AttributeError, UnicodeDecodeError) as e:
-        log.warning("ignoring the unreadable group commit marker %s (%s)", path, e)
+        LOG.warning("ignoring the unreadable group commit marker %s (%s)", path, e)
         return None
 
 
@@ -414,7 +414,7 @@ def _drop_uncommitted(m: Member) -> None:
     if marker is None:
         return
     for s in [s for s in m.mgr.all_steps() if s > marker["step"]]:
-        log.warning("%s: dropping checkpoint step %d, which its group never committed (the group "
+        LOG.warning("%s: dropping checkpoint step %d, which its group never committed (the group "
                     "resumes from step %d)", m.workdir, s, marker["step"])
         m.mgr.delete(s)
 
@@ -436,7 +436,7 @@ def _restore_start(members: list[Member]) -> int | None:
         except checkpoints.CorruptCheckpoint as e:  # no usable checkpoint: only this member fails
             if len(members) == 1:
                 raise
-            log.error("%s; the rest of its group trains without it", e)
+            LOG.error("%s; the rest of its group trains without it", e)
             m.failure, m.error = str(e), e
     members = [m for m in members if m.failure is None]  # latest holds their steps
     if not members:
@@ -594,7 +594,7 @@ def _placement(members: list[Member], config, big) -> sharding.Placement:
         raise ValueError(f"the placement gives this process {len(placement.local_runs)} run(s) of the "
                          f"group; it has {len(members)}")
     big.latent_dim = max(big.latent_dim, placement.latent_dim)
-    log.info("program: %s", placement.describe())
+    LOG.info("program: %s", placement.describe())
     return placement
 
 
@@ -640,7 +640,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
         member_states.append(pad_like(state, template))
     state = placement.put_runs(jax.tree.map(lambda *a: np.stack(a), *member_states))
     if start is not None:
-        log.info("resuming %d run(s) from step %d", len(members), start)
+        LOG.info("resuming %d run(s) from step %d", len(members), start)
 
     arrays, draw = batch_source(ds)
     fns = compile_fns(config, graphdef, tx, vmapped=True, draw=draw, dataset_size=dataset_size(ds),
@@ -698,7 +698,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
                 m.mgr.wait_until_finished()
                 m.failure = (f"non-finite loss at step {bad} of {m.workdir}; the last good checkpoint "
                              f"is step {m.mgr.latest_step()}. Lower learning_rate or check the data.")
-                log.error("%s", m.failure)
+                LOG.error("%s", m.failure)
         if not placement.any_process(bool(live())):  # processes of one program stop together
             break
         step = stop
@@ -711,7 +711,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
             curve = []
         rate = (step - step_start) / (time.perf_counter() - t_start)
         alive = [i for i, _ in live()]
-        log.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s%s  ETA %s",
+        LOG.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s%s  ETA %s",
                  step, config.num_steps, losses[alive].mean(),
                  float(np.mean(np.asarray(metrics["neg_elbo"])[alive])),
                  float(np.mean(np.asarray(metrics["kl"])[alive])), rate,
