@@ -142,23 +142,30 @@ def _with_last(run_dir, fragment):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("garbage", ["", "garbage\n", "[1, 2]", "\xff\xfe"])
-def test_garbage_config_json_is_recovered_from_the_checkpoint_or_named(sweep_dirs, tmp_path, caplog, garbage):
+def test_garbage_config_json_names_the_file_and_the_remedy_which_works(sweep_dirs, tmp_path, garbage):
     configs, dirs = sweep_dirs
     (run,) = copies(dirs[:1], tmp_path)
-    want = runs.read_config(run)
-    with open(os.path.join(run, runs.CONFIG), "w", encoding="latin-1") as f:
-        f.write(garbage)
-    with caplog.at_level(logging.WARNING):
-        assert runs.read_config(run).to_dict() == want.to_dict()
-    assert "config.json is not a readable config" in caplog.text and "checkpoint step 4" in caplog.text
-    runs.check_config(run, configs[0].to_dict())  # resuming works, and rewrites the file
-    assert sweep.check_run(configs[0], run) is None
-    shutil.rmtree(os.path.join(run, runs.CHECKPOINTS))
     path = os.path.join(run, runs.CONFIG)
-    with pytest.raises(ValueError) as e:
+    want = open(path).read()
+    with open(path, "w", encoding="latin-1") as f:
+        f.write(garbage)
+    for fail in (lambda: runs.read_config(run), lambda: train.train_and_evaluate(configs[0], run)):
+        with pytest.raises(ValueError) as e:
+            fail()
+        message = cli.one_line(e.value)
+        assert message == str(e.value) and message.startswith(f"{path} is not a readable config (")
+        assert message.endswith(f"checkpoint step 4 holds the run's config: delete {path} and run the training "
+                                f"command again, which checks the command against it and rewrites the file")
+    assert runs.CONFIG in sweep.check_run(configs[0], run)  # a sweep member fails alone, saying so
+    os.remove(path)  # the remedy
+    with pytest.raises(ValueError, match="different config"):  # still checked against the checkpoint
+        train.train_and_evaluate(tiny(beta=3.0), run)
+    train.train_and_evaluate(configs[0], run)
+    assert json.load(open(path)) == json.loads(want)
+    shutil.rmtree(os.path.join(run, runs.CHECKPOINTS))  # without checkpoints: restore or start afresh
+    open(path, "w").write(garbage)
+    with pytest.raises(ValueError, match=r"no checkpoint of the run holds its config; restore the file"):
         runs.read_config(run)
-    assert str(e.value).startswith(f"{path} is not a readable config (") and "restore the file" in str(e.value)
-    assert "\n" not in cli.one_line(e.value)
 
 
 @pytest.mark.slow

@@ -252,14 +252,11 @@ def read_config(run_dir: str):
     return config
 
 
-_WARNED: set[tuple[str, str]] = set()
-
-
 def read_config_json(run_dir: str) -> dict:
     """config.json's fields as saved (JSON types). A garbage, empty or non-object config.json
-    is recovered from the config every checkpoint carries (:func:`checkpoint_config`), with
-    a warning (the next training command rewrites the file); without one it raises a one-line
-    ValueError naming the file and the remedy."""
+    raises a one-line ValueError naming the file and the remedy: the checkpoints hold the
+    run's config (:func:`check_config` checks a new command against it), so deleting the file
+    and running the training command again restores it."""
     path = os.path.join(run_dir, CONFIG)
     try:
         with open(path, "rb") as f:
@@ -273,11 +270,9 @@ def read_config_json(run_dir: str) -> dict:
     if saved is None:
         raise ValueError(f"{path} is not a readable config ({problem}) and no checkpoint of the run holds "
                          f"its config; restore the file from a copy, or delete {run_dir} to train the run afresh")
-    if (path, problem) not in _WARNED:  # once per process, not on every read
-        _WARNED.add((path, problem))
-        LOG.warning("%s is not a readable config (%s); using the config saved with checkpoint step %d "
-                    "(training this run again rewrites the file)", path, problem, saved[0])
-    return saved[1]
+    raise ValueError(f"{path} is not a readable config ({problem}); checkpoint step {saved[0]} holds the run's "
+                     f"config: delete {path} and run the training command again, which checks the command "
+                     f"against it and rewrites the file")
 
 
 def write_meta(run_dir: str, meta: Mapping) -> None:
