@@ -204,18 +204,20 @@ def test_bad_npz_files_fail_with_one_line_naming_the_file(tmp_path):
 
 
 def test_data_dir_with_a_dataset_that_reads_no_files_is_refused(tmp_path):
+    from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top
     for name in ("digits", "dsprites"):
-        with pytest.raises(ValueError, match=rf"dataset '{name}' reads no files, yet data_dir='/some/dir' was "
-                                             r"given; drop --config.data_dir"):
-            data.load(name, "/some/dir")
-    assert data.load("digits", "").train_images.shape[0] == 1438  # the default: no data_dir
-
-
-def test_data_dir_with_digits_writes_nothing(tmp_path):
-    run = str(tmp_path / "run")
-    with pytest.raises(ValueError, match="reads no files"):
+        with pytest.raises(ValueError, match=rf"^config.data_dir='/some/dir' has no effect with dataset='{name}', "
+                                             r"which reads no files; drop --config.data_dir"):
+            config_lib.validate(tiny(dataset=name, data_dir="/some/dir"))
+    config_lib.validate(tiny())  # the default: no data_dir
+    config_lib.validate(tiny(dataset="npz", data_dir="/some/file.npz"))
+    with pytest.raises(ValueError, match="has no effect with dataset='digits'"):  # a sweep point too
+        sweep.points("data_dir=/a,/b", tiny())
+    run = str(tmp_path / "run")  # nothing is written
+    with pytest.raises(ValueError, match="has no effect with dataset='digits'"):
         train.train_and_evaluate(tiny(data_dir=str(tmp_path)), run)
     assert not os.path.exists(run)
+    assert data.load("digits", "/ignored").train_images.shape[0] == 1438  # old runs still load
 
 
 def test_disk_full_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

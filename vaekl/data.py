@@ -85,7 +85,7 @@ __all__ = [
 
 BUILTIN_SOURCES = ("digits", "idx", "npz")
 GROUND_TRUTH_SOURCES = (*dsprites.VARIANTS, "dsprites_npz")
-FILELESS_SOURCES = ("digits", *dsprites.VARIANTS)  # built or rendered here: data_dir is refused
+FILELESS_SOURCES = ("digits", *dsprites.VARIANTS)  # built or rendered here: a data_dir is refused
 GT_EVAL_TRAIN = 2000  # fixed images in a ground-truth dataset's train_images (evaluation only)
 GT_EVAL_TEST = 5000  # ... and in its test_images
 _TFDS_PREFIX = "tfds:"
@@ -219,7 +219,8 @@ def load(
         optionally prefixed ``"tfds:"`` (needed for TFDS ``"tfds:dsprites"``).
       data_dir: the IDX directory for ``"idx"``, the ``.npz`` path for ``"npz"``
         and ``"dsprites_npz"``, the TFDS data_dir for TFDS names (None: TFDS's
-        default); refused (ValueError) for digits and the rendered dSprites, which read no files.
+        default); unused for digits and the rendered dSprites (:data:`FILELESS_SOURCES`, whose
+        configs :func:`vaekl.config.validate` refuses with a data_dir).
       test_fraction: fraction of images held out as test by sources without a
         test split (digits, TFDS dsprites, shapes3d, ...); ignored by the others.
       seed: seed of that holdout's permutation, and of the fixed evaluation
@@ -232,10 +233,6 @@ def load(
       FileNotFoundError: the files or the prepared TFDS dataset are missing.
       ValueError: unknown name, or malformed data (names what and where).
     """
-    if data_dir and name in FILELESS_SOURCES:
-        raise ValueError(f"dataset {name!r} reads no files, yet data_dir={data_dir!r} was given; drop "
-                         f"--config.data_dir, or name the dataset it holds (--config.dataset=npz, idx, "
-                         f"dsprites_npz or a TFDS name)")
     if name == "digits":
         return _load_digits(test_fraction, seed)
     if name in ("idx", "npz"):
