@@ -277,6 +277,7 @@ def test_disk_full_during_eval_json_is_one_line_through_the_cli(sweep_dirs, tmp_
 # A new user's first day.
 
 
+@pytest.mark.slow  # starts a process
 def test_library_logs_stay_quiet_in_a_clone_named_vaekl(tmp_path):
     """A clone named ``vaekl`` holds its libraries under ``vaekl/.venv``: records are kept by
     logger name, so a library's INFO lines (orbax's, through absl's logger, or a std logger)
