@@ -9,16 +9,18 @@ with an ETA every 10 s. --metric_options overrides the sizes.
 """
 
 import json
+import logging as pylogging
 import os
 import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from vaekl import cli
 from vaekl import evaluate
 from vaekl import runs
+
+LOG = pylogging.getLogger("experiments.evaluate")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory, or a sweep directory of runs.")
 _K = flags.DEFINE_integer("num_samples", 5000, "Importance samples K per test example.")
@@ -74,13 +76,13 @@ def main(argv):
                                                         "never": False}[_TABLE.value])
         elapsed = time.perf_counter() - start
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        logging.info("%s (step %d): NLL %.3f ± %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + TC %.3f + "
-                     "dimwise %.3f  AU %d%s", run, r["step"], r["nll"], r["nll_se"], r["num_samples"],
-                     r["neg_elbo"], r["kl"], r["mutual_info"], r["total_correlation"], r["dimwise_kl"],
-                     r["active_units"],
-                     "  MIG %.3f" % r["disentanglement"]["mig"] if "disentanglement" in r else "")
-        logging.info("progress: %d/%d runs evaluated, elapsed %.0f s, ETA %.0f s", i + 1, len(todo),
-                     elapsed, eta)
+        LOG.info("%s (step %d): NLL %.3f ± %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + TC %.3f + "
+                 "dimwise %.3f  AU %d%s", run, r["step"], r["nll"], r["nll_se"], r["num_samples"],
+                 r["neg_elbo"], r["kl"], r["mutual_info"], r["total_correlation"], r["dimwise_kl"],
+                 r["active_units"],
+                 "  MIG %.3f" % r["disentanglement"]["mig"] if "disentanglement" in r else "")
+        LOG.info("progress: %d/%d runs evaluated, elapsed %.0f s, ETA %.0f s", i + 1, len(todo),
+                 elapsed, eta)
         print(f"{run}: nll {r['nll']:.3f}  neg_elbo {r['neg_elbo']:.3f}  active units {r['active_units']}")
 
 

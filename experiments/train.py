@@ -9,16 +9,18 @@ that another process is writing is refused (vaekl.runs.RunLock); mistakes print 
 """
 
 import contextlib
+import logging as pylogging
 import os
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from vaekl import cli
 from vaekl import runs
 from vaekl import train
+
+LOG = pylogging.getLogger("experiments.train")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
@@ -38,8 +40,8 @@ def main(argv):
     with lock:
         rows = train.train_and_evaluate(_CONFIG.value, workdir)
     for row in rows:
-        logging.info("final %s: neg_elbo %.3f recon %.3f kl %.3f active units %d", row["split"],
-                     row["neg_elbo"], row["recon"], row["kl"], row["active_units"])
+        LOG.info("final %s: neg_elbo %.3f recon %.3f kl %.3f active units %d", row["split"],
+                 row["neg_elbo"], row["recon"], row["kl"], row["active_units"])
     print(f"results in {workdir}")
 
 

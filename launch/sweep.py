@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging as pylogging
 import os
 import runpy
 import signal
@@ -42,7 +43,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -50,10 +50,12 @@ from vaekl import cli
 from vaekl import runs as runs_lib
 from vaekl import sweep as sweep_lib
 
+LOG = pylogging.getLogger("launch.sweep")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base ml_collections config file.",
                                           lock_config=False)
 _SWEEP = flags.DEFINE_string("sweep", None, "Grid, e.g. 'beta=0.5,1,4 latent_dim=2,8 seed=0,1'. "
-                             "Default: the config file's get_sweep().")
+                             "Default (also when empty): the config file's get_sweep().")
 _BACKEND = flags.DEFINE_enum("backend", "vmap", ["vmap", "local", "slurm"], "Where runs execute.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory; each run in WORKDIR/<run name>.")
 _RETRIES = flags.DEFINE_integer("retries", 1, "Extra attempts for a failed run.")
@@ -141,8 +143,8 @@ def backend_vmap(runs: list[Run]) -> None:
         def on_program(members: list[int], program: dict, errors: list[str | None], last=attempt == _RETRIES.value):
             nonlocal done
             done += sum(e is None or last or runs_lib.LOCKED_MARK in e for e in errors)
-            logging.info("progress: %s; last program: %s", progress(done, len(runs), time.monotonic() - t0),
-                         program_text(program))
+            LOG.info("progress: %s; last program: %s", progress(done, len(runs), time.monotonic() - t0),
+                     program_text(program))
 
         reports = sweep_lib.run_groups([r.config.to_dict() for r in todo], [r.workdir for r in todo],
                                        _MAX_GROUP.value, devices=_DEVICES.value,
@@ -268,8 +270,8 @@ def backend_local(runs: list[Run], config_file: str) -> None:
                     proc = subprocess.Popen(train_command(config_file, file_config, run), env=env,
                                             stdout=log, stderr=subprocess.STDOUT)
                 running[slot] = (run, proc, log_path)
-                logging.info("started %s (attempt %d, pid %d)%s", run.name, run.attempts + 1, proc.pid,
-                             f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if len(gpus) > 1 else "")
+                LOG.info("started %s (attempt %d, pid %d)%s", run.name, run.attempts + 1, proc.pid,
+                         f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if len(gpus) > 1 else "")
             time.sleep(0.1)
             for slot, (run, proc, log_path) in list(running.items()):
                 if proc.poll() is None:
@@ -278,13 +280,13 @@ def backend_local(runs: list[Run], config_file: str) -> None:
                 with open(log_path, errors="replace") as f:
                     tail = f.read()[-5000:]
                 _finish(run, None if proc.returncode == 0 else cli.child_error(tail, proc.returncode, log_path))
-                logging.info("%s %s (exit %d)%s", run.name, run.outcome, proc.returncode,
-                             f": {run.error}" if run.outcome == "failed" else "")
+                LOG.info("%s %s (exit %d)%s", run.name, run.outcome, proc.returncode,
+                         f": {run.error}" if run.outcome == "failed" else "")
                 if _retry(run) and run.attempts <= _RETRIES.value:
                     queue.append(run)
                 else:
                     done += 1
-                    logging.info("progress: %s", progress(done, len(runs), time.monotonic() - t0))
+                    LOG.info("progress: %s", progress(done, len(runs), time.monotonic() - t0))
         if signals.received is not None:
             name = signal.Signals(signals.received).name
             stopping = [r.name for r, _, _ in running.values()]
@@ -327,8 +329,8 @@ def backend_slurm(runs: list[Run]) -> None:
         tasks = [[todo[i] for i in g] for g in sweep_lib.groups([r.config for r in todo], max_group, starts)]
         jobs = executor.map_array(call, [[r.config.to_dict() for r in t] for t in tasks],
                                   [[r.workdir for r in t] for t in tasks], [_MAX_GROUP.value] * len(tasks))
-        logging.info("submitted %d Slurm task(s) of %d process(es) each: job %s", len(jobs),
-                     _NODES.value * _TASKS_PER_NODE.value, jobs[0].job_id.split("_")[0])
+        LOG.info("submitted %d Slurm task(s) of %d process(es) each: job %s", len(jobs),
+                 _NODES.value * _TASKS_PER_NODE.value, jobs[0].job_id.split("_")[0])
         for task, job in zip(tasks, jobs):
             try:
                 reports = merge_reports(job.results())
@@ -339,8 +341,8 @@ def backend_slurm(runs: list[Run]) -> None:
                 run.program = rep["program"] or run.program
             done += sum(not _retry(r) or attempt == _RETRIES.value for r in task)
             programs = {program_text(r.program) for r in task if r.program}
-            logging.info("progress: %s; task %s: %s", progress(done, len(runs), time.monotonic() - t0),
-                         job.job_id, "; ".join(sorted(programs)) or "no program")
+            LOG.info("progress: %s; task %s: %s", progress(done, len(runs), time.monotonic() - t0),
+                     job.job_id, "; ".join(sorted(programs)) or "no program")
         todo = [r for r in todo if _retry(r)]
 
 
@@ -425,8 +427,22 @@ def train_all(todo: list[Run], backend) -> None:
                     print(f"{r.name}: released ({r.before}), training it", file=sys.stderr, flush=True)
                     todo.append(r)
             if waiting and time.monotonic() - t0 > 600:
-                logging.info("still waiting for %s", ", ".join(r.name for r in waiting))
+                LOG.info("still waiting for %s", ", ".join(r.name for r in waiting))
                 t0 = time.monotonic()
+
+
+def sweep_spec(flag: str | None, config_file: str, config: ml_collections.ConfigDict) -> str:
+    """The grid to run: ``--sweep``, or when it is absent or empty (``--sweep=''``) the config
+    file's ``get_sweep()`` (``get_sweep(config)`` if it takes an argument)."""
+    if flag is not None and flag.strip():
+        return flag
+    get_sweep = runpy.run_path(config_file).get("get_sweep")
+    if get_sweep is None:
+        given = "an empty --sweep" if flag is not None else "no --sweep"
+        raise app.UsageError(f"{given} given and {config_file} has no get_sweep(); pass "
+                             f"--sweep='FIELD=V1,V2 ...'")
+    takes_config = bool(inspect.signature(get_sweep).parameters)
+    return get_sweep(config) if takes_config else get_sweep()
 
 
 def main(argv):
@@ -434,13 +450,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
-    spec = _SWEEP.value
-    if spec is None:
-        get_sweep = runpy.run_path(config_file).get("get_sweep")
-        if get_sweep is None:
-            raise app.UsageError(f"no --sweep given and {config_file} has no get_sweep()")
-        takes_config = bool(inspect.signature(get_sweep).parameters)
-        spec = get_sweep(_CONFIG.value) if takes_config else get_sweep()
+    spec = sweep_spec(_SWEEP.value, config_file, _CONFIG.value)
     runs_lib.check_writable(_WORKDIR.value)
     runs = expand(_CONFIG.value, spec, _WORKDIR.value)
     for run in runs:
@@ -452,15 +462,15 @@ def main(argv):
         if run.before == "done":
             run.outcome = "skipped"
     todo = [r for r in runs if r.outcome == "pending"]
-    logging.info("sweep of %d runs: %d to train (%d to resume), %d already done", len(runs), len(todo),
-                 sum(r.before == "partial" for r in todo), len(runs) - len(todo))
+    LOG.info("sweep of %d runs: %d to train (%d to resume), %d already done", len(runs), len(todo),
+             sum(r.before == "partial" for r in todo), len(runs) - len(todo))
     os.makedirs(_WORKDIR.value, exist_ok=True)
     backends = {"vmap": backend_vmap, "local": lambda rs: backend_local(rs, config_file),
                 "slurm": backend_slurm}
     try:
         train_all(todo, backends[_BACKEND.value])
     except Exception as e:  # pylint: disable=broad-except  (the table is printed whatever happens)
-        logging.exception("the launcher failed")
+        LOG.exception("the launcher failed")
         for r in runs:
             if r.outcome == "pending":
                 r.outcome, r.error = "failed", f"launcher: {type(e).__name__}: {cli.one_line(e)}"[:300]

@@ -398,3 +398,26 @@ def test_jitted_encoder_codes():
     enc = jax.jit(lambda x: jnp.tanh(x @ w / 4.0))
     out = dis.mig(Toy(), enc, np.random.default_rng(0), num_train=2000, encode_batch=1000)
     assert 0.0 <= out["mig"] <= 1.0
+
+
+def test_constant_code_has_exactly_zero_mutual_information():
+    """Issue 23: a constant (padded or collapsed) code dimension carries exactly 0 nats, as in
+    scikit-learn's mutual_info_score; a rounding residue (~1e-16) made modularity score it as
+    an informative code (0.907 instead of disentanglement_lib's 0.772)."""
+    from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+    rng = np.random.default_rng(0)
+    n = 10_000
+    factors = rng.integers(0, 5, size=(n, 2))
+    codes = np.stack([factors[:, 0] + 0.1 * rng.standard_normal(n), rng.standard_normal(n),
+                      np.zeros(n)], axis=1)  # informative, noise, constant
+    for constant in (np.zeros(n), np.full(n, 3.0)):
+        for k in range(2):
+            assert dis._discrete_mi_1d(constant, factors[:, k]) == 0.0
+            assert dis._discrete_mi_1d(factors[:, k], constant) == 0.0
+    m = dis.mutual_info_matrix(codes, factors)
+    assert np.all(m[2] == 0.0)
+    binned = dis.histogram_discretize(codes, 20)
+    want = np.array([[skm.mutual_info_score(factors[:, k], binned[:, j]) for k in range(2)]
+                     for j in range(3)])
+    np.testing.assert_allclose(m, want, rtol=1e-12, atol=1e-15)
+    assert dis.modularity(m) == pytest.approx(dis.modularity(want), abs=1e-12)

@@ -359,7 +359,9 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
     Columns: the varying fields; neg_elbo (test, mean) and neg_elbo_std (std over seeds);
     the means of recon, kl, active_units, train_neg_elbo, gap and eval.json's nll, MI, TC and
-    dimwise KL where present; seeds (distinct seeds) and runs.
+    dimwise KL where present, with ``<name>_se`` the standard error of that mean (from the
+    runs' ``_se``, where every run has one) and ``eval_num_test`` (N, when the runs share it);
+    seeds (distinct seeds) and runs.
     """
     runs = per_run(df)
     fields = varying_fields(df)
@@ -372,6 +374,11 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
         for m in SUMMARY_METRICS:
             if m in d.columns and d[m].notna().any():
                 row[m] = d[m].mean()
+                se = d[m + "_se"] if m + "_se" in d.columns else None
+                if se is not None and se[d[m].notna()].notna().all():  # of the seed mean
+                    row[m + "_se"] = float(np.sqrt(np.sum(np.square(se[d[m].notna()])))) / int(d[m].notna().sum())
+        if "eval_num_test" in d.columns and d.eval_num_test.notna().any() and d.eval_num_test.nunique() == 1:
+            row["eval_num_test"] = int(d.eval_num_test.dropna().iloc[0])
         row["seeds"] = d[SEED].nunique() if SEED in d.columns else len(d)
         row["runs"] = len(d)
         rows.append(row)

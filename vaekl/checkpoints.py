@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 import contextlib
 import hashlib
 import json
+import logging as pylogging
 import os
 import shutil
 import time
@@ -35,6 +36,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from vaekl import runs
+
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 BEST_METRIC = "valid_neg_elbo"  # the run's "valid" split (config.validation_size > 0)
 CHECKSUM = "vaekl_sha256"          # key in the step's custom metadata
@@ -402,8 +405,8 @@ def restore_latest_good(mgr: Manager, like: Any, quarantine_bad: bool = True,
             found = (step, restore(mgr, step, like))
             break
         except CorruptCheckpoint as e:
-            logging.warning("checkpoint step %d in %s is unusable (%s); trying the previous one",
-                            step, mgr.directory, e.reason)
+            LOG.warning("checkpoint step %d in %s is unusable (%s); trying the previous one",
+                        step, mgr.directory, e.reason)
             bad.append(e)
     if found[0] is None and not all(e.incomplete for e in bad):
         reasons = "; ".join(f"step {e.step}: {e.reason}" for e in bad)
@@ -411,9 +414,9 @@ def restore_latest_good(mgr: Manager, like: Any, quarantine_bad: bool = True,
                                 f"the checkpoints aside to restart the run")
     if quarantine_bad:
         for e in bad:
-            logging.warning("moved %s aside", quarantine(mgr, e.step, e.reason))
+            LOG.warning("moved %s aside", quarantine(mgr, e.step, e.reason))
     if bad and found[0] is not None:
-        logging.warning("resuming %s from checkpoint step %d", mgr.directory, found[0])
+        LOG.warning("resuming %s from checkpoint step %d", mgr.directory, found[0])
     return found
 
 
@@ -438,7 +441,7 @@ def restore_step(mgr: Manager, which: str | int, like: Any) -> tuple[int, Any]:
         try:
             return best, restore(mgr, best, like)
         except CorruptCheckpoint as e:
-            logging.warning("the best checkpoint is unusable (%s); using the latest good one instead", e)
+            LOG.warning("the best checkpoint is unusable (%s); using the latest good one instead", e)
             skip = (best,)
     step, state = restore_latest_good(mgr, like, quarantine_bad=False, skip=skip)
     if step is None:

@@ -36,7 +36,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-               runs.RunLocked, app.UsageError, CorruptCheckpoint,
+               runs.RunLocked, runs.WriteFailed, app.UsageError, CorruptCheckpoint,
                FloatingPointError)  # a diverged run: its message says what to change
 
 
@@ -176,17 +176,27 @@ def main(fn: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> N
     app.run(guarded, argv=list(argv) if argv is not None else None, flags_parser=parse_flags)
 
 
+OWN_LOGGERS = ("vaekl", "experiments", "launch")  # loggers (and their children) shown at INFO
+
+
+def is_own_record(record: pylogging.LogRecord) -> bool:
+    """Whether ``record`` comes from this project's loggers (``vaekl.*``, ``experiments.*``,
+    ``launch.*``), by logger name: a path test would keep every library's record in a clone
+    named ``vaekl`` (its ``.venv`` lies under ``.../vaekl/``)."""
+    return record.name.split(".", 1)[0] in OWN_LOGGERS
+
+
 def quiet_library_logs() -> None:
     """Shows vaekl's INFO lines (progress) on stderr, and only warnings from libraries
-    (orbax logs every checkpoint file operation at INFO through the same absl logger)."""
+    (orbax logs every checkpoint file operation at INFO through absl's logger "absl")."""
     if not (flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present):  # keep --verbosity=1
         logging.set_verbosity(logging.INFO)
     logging.set_stderrthreshold(logging.INFO)
+    for name in OWN_LOGGERS:  # named std loggers: INFO, through absl's handler on the root logger
+        pylogging.getLogger(name).setLevel(pylogging.INFO)
 
     def keep(record) -> bool:
-        path = record.pathname.replace("\\", "/")
-        return record.levelno >= pylogging.WARNING or any(
-            f"/{d}/" in path for d in ("vaekl", "experiments", "launch"))
+        return record.levelno >= pylogging.WARNING or is_own_record(record)
 
     logging.get_absl_logger().addFilter(keep)
     logging.get_absl_handler().addFilter(keep)  # records of libraries using std logging

@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from vaekl import disentanglement, regularizers
+from vaekl import data, disentanglement, regularizers
 from vaekl.models.likelihoods import LIKELIHOODS
 from vaekl.models.priors import PRIORS
 from vaekl.models.vae import MODELS
@@ -140,6 +140,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _choice(config, field, choices)
     if not isinstance(config.dataset, str) or not config.dataset:
         raise ValueError(f"config.dataset={config.dataset!r} must be a dataset name")
+    if config.data_dir and config.dataset in data.FILELESS_SOURCES:  # as unread regularizer fields are
+        raise ValueError(f"config.data_dir={config.data_dir!r} has no effect with dataset={config.dataset!r}, "
+                         f"which reads no files; drop --config.data_dir, or name the dataset it holds "
+                         f"(--config.dataset=npz, idx, dsprites_npz or a TFDS name)")
     for field in ("latent_dim", "batch_size", "num_steps", "eval_every", "log_every",
                   "checkpoint_every", "keep_checkpoints", "eval_batch_size", "num_eval_train",
                   "conv_hidden"):

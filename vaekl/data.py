@@ -70,6 +70,7 @@ __all__ = [
     "BINARIZE_MODES",
     "BUILTIN_SOURCES",
     "GROUND_TRUTH_SOURCES",
+    "FILELESS_SOURCES",
     "GT_EVAL_TEST",
     "GT_EVAL_TRAIN",
     "Dataset",
@@ -84,6 +85,7 @@ __all__ = [
 
 BUILTIN_SOURCES = ("digits", "idx", "npz")
 GROUND_TRUTH_SOURCES = (*dsprites.VARIANTS, "dsprites_npz")
+FILELESS_SOURCES = ("digits", *dsprites.VARIANTS)  # built or rendered here: a data_dir is refused
 GT_EVAL_TRAIN = 2000  # fixed images in a ground-truth dataset's train_images (evaluation only)
 GT_EVAL_TEST = 5000  # ... and in its test_images
 _TFDS_PREFIX = "tfds:"
@@ -219,7 +221,8 @@ def load(
         optionally prefixed ``"tfds:"`` (needed for TFDS ``"tfds:dsprites"``).
       data_dir: the IDX directory for ``"idx"``, the ``.npz`` path for ``"npz"``
         and ``"dsprites_npz"``, the TFDS data_dir for TFDS names (None: TFDS's
-        default); unused for digits and the rendered dSprites.
+        default); unused for digits and the rendered dSprites (:data:`FILELESS_SOURCES`, whose
+        configs :func:`vaekl.config.validate` refuses with a data_dir).
       test_fraction: fraction of images held out as test by sources without a
         test split (digits, TFDS dsprites, shapes3d, ...); ignored by the others.
       seed: seed of that holdout's permutation, and of the fixed evaluation
@@ -390,21 +393,21 @@ def _load_npz(path: str) -> Dataset:
     """``x_train``, ``x_test`` (uint8 or bool, [N, H, W(, C)]) and optional ``y_train``, ``y_test``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"npz dataset: no file {path}.")
-    with np.load(path) as npz:
-        keys = sorted(npz.files)
-        splits = {}
-        for split in ("train", "test"):
-            if f"x_{split}" not in npz:
-                raise ValueError(f"npz dataset {path} has no key 'x_{split}' (keys: {keys}).")
-            where = f"npz dataset {path} x_{split}"
-            images = npz[f"x_{split}"]
-            if images.dtype == np.bool_:
-                images = images.astype(np.uint8) * np.uint8(255)
-            elif images.dtype != np.uint8:
-                raise ValueError(f"{where}: images must be uint8 (0..255) or bool, got {images.dtype}.")
-            images = _nhwc(images, where)
-            labels = npz[f"y_{split}"] if f"y_{split}" in npz else None
-            splits[split] = images, _labels(labels, len(images), f"npz dataset {path} y_{split}")
+    npz = dsprites.read_npz(path, "npz dataset")
+    keys = sorted(npz)
+    splits = {}
+    for split in ("train", "test"):
+        if f"x_{split}" not in npz:
+            raise ValueError(f"npz dataset {path} has no key 'x_{split}' (keys: {keys}).")
+        where = f"npz dataset {path} x_{split}"
+        images = npz[f"x_{split}"]
+        if images.dtype == np.bool_:
+            images = images.astype(np.uint8) * np.uint8(255)
+        elif images.dtype != np.uint8:
+            raise ValueError(f"{where}: images must be uint8 (0..255) or bool, got {images.dtype}.")
+        images = _nhwc(images, where)
+        labels = npz.get(f"y_{split}")
+        splits[split] = images, _labels(labels, len(images), f"npz dataset {path} y_{split}")
     return Dataset("npz", *splits["train"], *splits["test"])
 
 

@@ -309,9 +309,16 @@ def _labels(x: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _discrete_mi_1d(a: np.ndarray, b: np.ndarray) -> float:
-    """Plug-in I(a; b) in nats from the contingency table (= sklearn's mutual_info_score)."""
+    """Plug-in I(a; b) in nats from the contingency table (= sklearn's mutual_info_score).
+
+    Exactly 0 when either variable takes one value (a constant, padded or collapsed code),
+    as scikit-learn returns: the sum below would leave a rounding residue (~1e-16) that
+    :func:`modularity` would count as information.
+    """
     a, na = _labels(a)
     b, nb = _labels(b)
+    if na == 1 or nb == 1:
+        return 0.0
     n = a.size
     joint = np.bincount(a * nb + b, minlength=na * nb).reshape(na, nb).astype(np.float64)
     pa, pb = joint.sum(1), joint.sum(0)

@@ -64,6 +64,8 @@ import abc
 import functools
 import math
 import os
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,7 @@ __all__ = [
     "factor_values",
     "load_npz",
     "observe",
+    "read_npz",
     "render",
     "render_numpy",
     "render_values",
@@ -459,6 +462,30 @@ class ArrayGroundTruth(GroundTruthData):
         return (self.packed,), self._draw
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def read_npz(path: str, what: str, keys=None) -> dict[str, np.ndarray]:
+    """The arrays of the .npz file ``path`` (only ``keys`` if given, those it has), read now.
+
+    A file that is not an .npz (text, say) or is truncated or damaged raises one ValueError
+    naming ``what`` and the file, instead of numpy's pickle message or zipfile's traceback;
+    pickled arrays are refused.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _ZIP_MAGIC:
+        raise ValueError(f"{what} {path} is not an .npz file (it starts with {head!r}, not a zip "
+                         f"archive's {_ZIP_MAGIC!r}); give the path of an .npz written by numpy.savez")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files if keys is None or k in keys}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{what} {path} is damaged or truncated ({type(e).__name__}: {text}); "
+                         f"download or write it again") from None
+
+
 def load_npz(path: str) -> ArrayGroundTruth:
     """The original dSprites file (``imgs`` [N, 64, 64] {0, 1}, ``latents_classes`` [N, 6]).
 
@@ -468,13 +495,12 @@ def load_npz(path: str) -> ArrayGroundTruth:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dsprites_npz: no file {path} (expected "
                                 f"dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz).")
-    with np.load(path) as npz:
-        missing = {"imgs", "latents_classes"} - set(npz.files)
-        if missing:
-            raise ValueError(f"dsprites_npz {path}: missing keys {sorted(missing)} "
-                             f"(keys: {sorted(npz.files)}).")
-        classes = npz["latents_classes"]
-        images = npz["imgs"]
+    npz = read_npz(path, "dsprites_npz", ("imgs", "latents_classes"))
+    missing = {"imgs", "latents_classes"} - set(npz)
+    if missing:
+        raise ValueError(f"dsprites_npz {path}: missing keys {sorted(missing)} (keys: {sorted(npz)}).")
+    classes = npz["latents_classes"]
+    images = npz["imgs"]
     if classes.ndim != 2 or classes.shape[1] != len(FACTOR_NAMES) + 1:
         raise ValueError(f"dsprites_npz {path}: latents_classes must be [N, 6], got {classes.shape}.")
     if np.any(classes[:, 0] != classes[0, 0]):

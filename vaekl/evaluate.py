@@ -38,6 +38,22 @@ _LOG_2PI = math.log(2 * math.pi)
 _TABLE_ELEMENTS = 1 << 24  # the most entries of a [chunk, N, k] table of one block (64 MB f32)
 DECOMPOSITION_TERMS = ("mutual_info", "marginal_kl", "total_correlation", "dimwise_kl")
 
+# eval.json's "definitions": what its similarly named numbers are (the keys are kept for readers).
+DEFINITIONS = {
+    "mutual_info": "index-code MI I_q(x; z) of the aggregate posterior q(z) = mixture over the N test "
+                   "examples, nats, Monte-Carlo (± mutual_info_se); at most log N = log num_test",
+    "total_correlation": "total correlation of the aggregate posterior q(z) (the exact mixture), "
+                         "KL(q(z) || Π_j q(z_j)), nats, Monte-Carlo (± total_correlation_se); ≥ 0, so a "
+                         "negative estimate is noise",
+    "dimwise_kl": "Σ_j KL(q(z_j) || p(z_j)) with the exact 1-D marginal mixtures, nats, Monte-Carlo",
+    "marginal_kl": "KL(q(z) || p(z)) = total_correlation + dimwise_kl, nats, Monte-Carlo",
+    "disentanglement.gaussian_total_correlation_score.gaussian_total_correlation":
+        "disentanglement_lib's unsupervised score: the total correlation of a Gaussian fitted to the "
+        "posterior means of num_train samples (10,000 by default; their covariance only), not of q(z); "
+        "0 iff the means are "
+        "uncorrelated",
+}
+
 
 def log_weights(model: VAE, x: jax.Array, keys: jax.Array) -> jax.Array:
     """log p(x, zₛ) − log q(zₛ|x) for zₛ ~ q(z|x), one sample per key: [S, B] for x [B, H, W, C].
@@ -277,7 +293,9 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     the test examples of their log-likelihood estimates / sqrt(N). The KL decomposition
     (:func:`kl_decomposition`, ``num_draws`` ≥ 2 draws per example) has Monte-Carlo standard
     errors ``<name>_se`` for this test set. The batch metrics of training (every declared
-    metric, :mod:`vaekl.metrics`) are recomputed on the test set too. On a dataset with
+    metric, :mod:`vaekl.metrics`) are recomputed on the test set too. ``definitions`` says in
+    words what the similarly named numbers are (:data:`DEFINITIONS`: the TC of the aggregate
+    posterior vs the Gaussian TC of the means). On a dataset with
     ground-truth factors (dSprites) eval.json gains a ``disentanglement`` object
     (:func:`disentanglement_scores`, with ``disentanglement=True``), with the sample sizes used,
     whether the codes came from a table of the grid (``representation_table``: None when it
@@ -318,6 +336,7 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
         "kl_identity_gap": float(dec["identity_gap"]), "kl_identity_gap_se": float(dec["identity_gap_se"]),
         "kl_decomposition_draws": num_draws,
         "checkpoint": which, "num_test": int(test.shape[0]),
+        "definitions": {k: v for k, v in DEFINITIONS.items() if not k.startswith("disentanglement.")},
     })
     if disentanglement and hasattr(ds, "factor_sizes"):
         dis = disentanglement_scores(ds, graphdef, state.params, seed, dci_model, options=metric_options,
@@ -328,6 +347,7 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
         result["disentanglement_representation"] = dis["representation"]
         result["disentanglement_seconds"] = dis["seconds"]
         result["representation_table_seconds"] = dis["table_seconds"]
+        result["definitions"] = dict(DEFINITIONS)
     result["eval_seconds"] = time.perf_counter() - started  # this run's evaluation, wall time
     runs.atomic_write(os.path.join(workdir, runs.EVAL), json.dumps(result, indent=2))
     return result

@@ -268,8 +268,10 @@ def tcvae(inp: Inputs, hp, static) -> Output:
     mutual information, total correlation and dimension-wise KL, log q(z) estimated by minibatch
     weighted (mws) or stratified (mss) sampling with N the training-set size
     (:func:`tc_decomposition`). Written as KL + (α−1)·MI + (β−1)·TC + (γ−1)·DWKL with the
-    closed-form KL, which has the same expectation and less variance; at α = γ = 1 it is
-    disentanglement_lib's KL + (β − 1)·TC."""
+    closed-form KL, which has the same expectation and less variance. At α = γ = 1 with
+    ``tc_estimator="mws"`` it is disentanglement_lib's KL + (β − 1)·TC up to a constant
+    ((β − 1)(k − 1)·log(N·M), which has no gradient); the default ``"mss"`` is a different
+    (consistent) estimator of the TC, so the claim does not hold for it."""
     pm, plv = _prior_diag(inp)
     parts = estimators.tc_decomposition(inp.z, inp.q.mean, inp.q.log_var, inp.dataset_size,
                                         estimator=static["tc_estimator"], mask=inp.mask,

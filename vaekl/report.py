@@ -187,19 +187,47 @@ def provenance(df: pd.DataFrame, path: str) -> str:
             f"<table class='kv'>{rest}</table></details>")
 
 
+def mi_header(name: str, num_test) -> str:
+    """The header of an MI column: the plug-in MI over N test examples is at most log N (it
+    saturates there when every code is told apart), so the bound is stated with it."""
+    n = pd.to_numeric(pd.Series(num_test, dtype=object), errors="coerce").dropna().unique()
+    if len(n) == 1 and n[0] > 0:
+        return f"{name} (≤ log N = {math.log(n[0]):.2f})"
+    return f"{name} (≤ log N)"
+
+
+def _mi_value(mean: float, se, n) -> str:
+    """MI ± se, marked "= log N" where it is within 0.01 nats of its bound."""
+    text = _pm(mean, se)
+    if n is not None and pd.notna(n) and n > 0 and mean >= math.log(n) - 0.01:
+        text += " (= log N)"
+    return text
+
+
 def summary_rows(df: pd.DataFrame) -> list[dict]:
-    """The seed-mean table, formatted."""
+    """The seed-mean table, formatted: eval.json's Monte-Carlo terms with the standard error
+    of their mean (a negative TC estimate is then seen to be noise around 0), MI with its
+    bound log N."""
     fields = analysis.varying_fields(df)
+    summary = analysis.summary(df)
+    mi = mi_header("MI", summary.get("eval_num_test"))
     rows = []
-    for _, r in analysis.summary(df).iterrows():
+    for _, r in summary.iterrows():
         row = {_col(f): analysis.fmt_value(r[f]) for f in fields}
         row["seeds"] = int(r.seeds)
         row["test −ELBO (± std)"] = _pm(r.get("neg_elbo"), r.get("neg_elbo_std"))
         for key, name in (("recon", "distortion"), ("kl", "KL"), ("active_units", "active units"),
                           ("train_neg_elbo", "train −ELBO"), ("gap", "test − train"),
-                          ("eval_nll", "NLL"), ("eval_mutual_info", "MI"),
-                          ("eval_total_correlation", "TC"), ("eval_dimwise_kl", "dimwise KL")):
-            if key in r and pd.notna(r[key]):
+                          ("eval_nll", "NLL"), ("eval_mutual_info", mi),
+                          ("eval_total_correlation", "TC of q(z) (± se)"), ("eval_dimwise_kl", "dimwise KL")):
+            if key not in r or pd.isna(r[key]):
+                continue
+            se = r.get(key + "_se")
+            if key == "eval_mutual_info":
+                row[name] = _mi_value(float(r[key]), se, r.get("eval_num_test"))
+            elif key.startswith("eval_") and key != "eval_nll" and se is not None and pd.notna(se):
+                row[name] = _pm(float(r[key]), se)
+            else:
                 row[name] = _num(float(r[key]), 1 if key == "active_units" else 2)
         rows.append(row)
     return rows
@@ -235,6 +263,22 @@ def finished_only(df: pd.DataFrame) -> pd.DataFrame:
     return kept
 
 
+def _log_mi_bound_n(df: pd.DataFrame, runs: pd.DataFrame, run: str) -> int | None:
+    """N of the bound log N on the logged (batch) MI of ``run``: its training-set size
+    (meta.json), the minibatch-stratified estimator's self-weight being 1/N; None if unknown
+    or under ``tc_estimator=mws`` (whose bound is log N·M)."""
+    r = runs[runs.run == run].iloc[0]
+    if str(r.get("tc_estimator", "mss")) == "mws":
+        return None
+    n = ((df.attrs.get("meta") or {}).get(run) or {}).get("train_size")
+    return int(n) if isinstance(n, (int, float)) and n > 0 else None
+
+
+# eval.json's disentanglement keys shown under a clearer name (the file keeps its keys).
+DIS_LABELS = {"gaussian_total_correlation_score.gaussian_total_correlation":
+              "Gaussian TC of the means (not of q(z))"}
+
+
 def run_rows(df: pd.DataFrame) -> list[dict]:
     """Every run's last numbers, formatted, with its status ("done", or "stopped at step s of
     N" for a run that failed or is unfinished); eval.json's when present."""
@@ -242,6 +286,10 @@ def run_rows(df: pd.DataFrame) -> list[dict]:
     runs = analysis.per_run(df)
     unfinished = unfinished_runs(df)
     seed = [analysis.SEED] if analysis.SEED in runs.columns else []
+    num_test = runs.get(analysis.EVAL_PREFIX + "num_test")
+    mi_cols = [mi_header(name, num_test) for name in ("MI (eval)", "index-code MI (eval)")]
+    train_n = {run: _log_mi_bound_n(df, runs, run) for run in runs.run}
+    mi_log = mi_header("MI (log)", list(train_n.values()) if None not in train_n.values() else [])
     rows = []
     for _, r in runs.iterrows():
         row = {_col(f): analysis.fmt_value(r[f]) for f in fields + seed} if fields or seed else {"run": r.run}
@@ -250,23 +298,28 @@ def run_rows(df: pd.DataFrame) -> list[dict]:
         if row["step"] != "–":
             row["step"] = str(int(float(row["step"])))
         for key, name in (("train_neg_elbo", "train −ELBO"), ("neg_elbo", "test −ELBO"), ("gap", "gap"),
-                          ("recon", "distortion"), ("kl", "KL"), ("index_code_mi", "MI (log)"),
+                          ("recon", "distortion"), ("kl", "KL"), ("index_code_mi", mi_log),
                           ("total_correlation", "TC (log)"), ("dimwise_kl", "dimwise (log)")):
             if key in r and pd.notna(r[key]):
-                row[name] = _num(float(r[key]))
+                row[name] = (_mi_value(float(r[key]), None, train_n[r.run]) if key == "index_code_mi"
+                             else _num(float(r[key])))
         if pd.notna(r.get("active_units")):
             k = r.get("latent_dim")
             row["active units"] = f"{int(r.active_units)}" + (f" / {int(k)}" if pd.notna(k) else "")
+        n = r.get(analysis.EVAL_PREFIX + "num_test")
         for key, name in (("nll", "NLL"), ("neg_elbo", "−ELBO (eval)"), ("kl", "KL (eval)"),
-                          ("mutual_info", "MI (eval)"), ("index_code_mi", "index-code MI (eval)"),
-                          ("total_correlation", "TC (eval)"), ("dimwise_kl", "dimwise KL (eval)"),
+                          ("mutual_info", mi_cols[0]), ("index_code_mi", mi_cols[1]),
+                          ("total_correlation", "TC of q(z) (eval)"), ("dimwise_kl", "dimwise KL (eval)"),
                           ("marginal_kl", "marginal KL (eval)")):
             mean = r.get(analysis.EVAL_PREFIX + key)
             if mean is not None and pd.notna(mean):
-                row[name] = _pm(float(mean), r.get(analysis.EVAL_PREFIX + key + "_se"))
+                se = r.get(analysis.EVAL_PREFIX + key + "_se")
+                row[name] = (_mi_value(float(mean), se, n) if key in ("mutual_info", "index_code_mi")
+                             else _pm(float(mean), se))
         for c in runs.columns:
             if c.startswith(analysis.DIS_PREFIX) and pd.notna(r[c]):
-                row[c[len(analysis.DIS_PREFIX):]] = _num(float(r[c]), 3)
+                key = c[len(analysis.DIS_PREFIX):]
+                row[DIS_LABELS.get(key, key)] = _num(float(r[c]), 3)
         rows.append(row)
     return rows
 
@@ -433,9 +486,14 @@ def write_report(sweep_dir: str, term_runs: int = 3, factor_runs: int = 2) -> st
                 ("runs", "Every run",
                  "<p class='cap'>At the last evaluation (step): train and test −ELBO, the gap "
                  "(test − train), distortion, KL, the KL split into index-code MI / total correlation / "
-                 "dimension-wise KL as logged in metrics.jsonl (log) where the trainer logs them, and "
+                 "dimension-wise KL as logged in metrics.jsonl (log) where the trainer logs them (the "
+                 "batch MI is at most log N for N training images, and reads '= log N' where it "
+                 "saturates), and "
                  "active units / k. From eval.json where the run has one: the importance-weighted NLL "
-                 "(± standard error), the evaluation's −ELBO, KL and its split (eval), and "
+                 "(± standard error), the evaluation's −ELBO, KL and its split (eval; Monte-Carlo "
+                 "estimates ± standard error: the MI is at most log N for N test examples and reads "
+                 "'= log N' where it saturates; the TC of the aggregate posterior q(z) is ≥ 0, so a "
+                 "negative estimate is noise around 0), and "
                  "disentanglement scores; status: done, or where a run that failed or is unfinished "
                  "stopped (its numbers are not final). Also in runs.csv.</p>" + _table(run_rows(everything)))]
     for title, name, _, caption in figures:

@@ -25,11 +25,14 @@ stands. Everything here reads a run without loading its training set, except
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import contextlib
 import dataclasses
 import fcntl
 import json
+import logging as pylogging
 import math
 import os
+import re
 import shlex
 import socket
 import sys
@@ -37,9 +40,10 @@ import threading
 import time
 from typing import Any
 
-from absl import logging
 import numpy as np
 from PIL import Image
+
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # The layout.
 CONFIG = "config.json"
@@ -85,16 +89,68 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class WriteFailed(OSError):
+    """A run-directory file could not be written (disk full, quota, I/O error); one line
+    naming the file, and nothing of it left behind (:func:`atomic_write`); ``errno`` is the
+    cause's."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+STALE_TMP_SECONDS = 60.0  # a temporary file older than this, of no live process here, is debris
+
+
 def atomic_write(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` so that readers see the old file or the new one, never a
-    part (a temporary file, fsync, rename, fsync of the directory)."""
+    part (a temporary file, fsync, rename, fsync of the directory).
+
+    A failed write (disk full, say) removes its temporary file and raises :class:`WriteFailed`
+    naming ``path``, the old file untouched; a successful one also removes the temporary files
+    of ``path`` that earlier writers left (killed ones: older than :data:`STALE_TMP_SECONDS`
+    and of no live process on this host).
+    """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        raise WriteFailed(e.errno, f"cannot write {path}: {reason}; it is unchanged (free space or fix the "
+                                   f"error, then run the command again)") from e
     _fsync_dir(os.path.dirname(path))
+    _remove_stale_tmp(path)
+
+
+def _remove_stale_tmp(path: str) -> None:
+    """Deletes ``path.tmp<pid>`` files left by writers that died (see :func:`atomic_write`)."""
+    folder, base = os.path.split(path)
+    pattern = re.compile(re.escape(base) + r"\.tmp(\d+)$")
+    now = time.time()
+    for name in os.listdir(folder or "."):
+        m = pattern.match(name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        stale = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            if now - os.path.getmtime(stale) > STALE_TMP_SECONDS and not _pid_alive(int(m.group(1))):
+                os.remove(stale)
+                LOG.info("removed %s, left by an interrupted write", stale)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def check_writable(path: str) -> None:
@@ -156,8 +212,7 @@ def check_config(run_dir: str, config: Mapping) -> None:
     path = os.path.join(run_dir, CONFIG)
     new = jsonable_config(config)
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_config_json(run_dir)
         diffs = _config_changes(old, new)
         if diffs:
             raise ValueError(f"{run_dir} holds a run with a different config ({diffs}); "
@@ -193,10 +248,32 @@ def read_config(run_dir: str):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG})")
     config = config_lib.defaults()
-    with open(path) as f:
-        for k, v in json.load(f).items():
-            config[k] = tuple(v) if isinstance(v, list) else v
+    for k, v in read_config_json(run_dir).items():
+        config[k] = tuple(v) if isinstance(v, list) else v
     return config
+
+
+def read_config_json(run_dir: str) -> dict:
+    """config.json's fields as saved (JSON types). A garbage, empty or non-object config.json
+    raises a one-line ValueError naming the file and the remedy: the checkpoints hold the
+    run's config (:func:`check_config` checks a new command against it), so deleting the file
+    and running the training command again restores it."""
+    path = os.path.join(run_dir, CONFIG)
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read().decode())
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, not an object")
+        return config
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = " ".join(str(e).split()) or type(e).__name__
+    saved = checkpoint_config(run_dir)
+    if saved is None:
+        raise ValueError(f"{path} is not a readable config ({problem}) and no checkpoint of the run holds "
+                         f"its config; restore the file from a copy, or delete {run_dir} to train the run afresh")
+    raise ValueError(f"{path} is not a readable config ({problem}); checkpoint step {saved[0]} holds the run's "
+                     f"config: delete {path} and run the training command again, which checks the command "
+                     f"against it and rewrites the file")
 
 
 def write_meta(run_dir: str, meta: Mapping) -> None:
@@ -249,8 +326,10 @@ class MetricsLog:
 
     def __init__(self, path: str):
         self.path = path
+        self.torn: bytes | None = None  # the torn last line the latest read() dropped
 
     def read(self) -> list[dict]:
+        self.torn = None
         if not os.path.exists(self.path):
             return []
         with open(self.path, "rb") as f:
@@ -267,12 +346,14 @@ class MetricsLog:
                     raise ValueError("not a JSON object")
             except ValueError as e:
                 if last or (i == len(lines) - 2 and not lines[-1].strip()):
-                    logging.warning("%s: dropping a torn last line (%s): %r", self.path, e, line[:80])
+                    LOG.warning("%s: dropping a torn last line (%s): %r", self.path, e, line[:80])
+                    self.torn = line
                     continue
                 raise ValueError(f"{self.path}, line {i + 1}: invalid metrics row ({e}): "
                                  f"{line[:80].decode(errors='replace')!r}") from None
             if last:  # valid JSON but no newline: the write was cut short
-                logging.warning("%s: dropping a torn last line (no newline): %r", self.path, line[:80])
+                LOG.warning("%s: dropping a torn last line (no newline): %r", self.path, line[:80])
+                self.torn = line
                 continue
             rows.append(row)
         return rows
@@ -291,14 +372,39 @@ class MetricsLog:
             if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line from a crash: cut it
                 with open(self.path, "rb") as f:
                     keep = f.read().rfind(b"\n") + 1
-                logging.warning("%s: cutting a torn last line (%d bytes) before appending",
-                                self.path, size - keep)
+                LOG.warning("%s: cutting a torn last line (%d bytes) before appending",
+                            self.path, size - keep)
                 os.ftruncate(fd, keep)
             while data:  # one write() normally; loop only on a partial write
                 data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_STEP = re.compile(rb'"step":\s*(\d+)')
+
+
+def check_torn_row(run_dir: str, resume_step: int | None) -> None:
+    """Raises ValueError (one line) if metrics.jsonl ends in a torn line that resuming from
+    ``resume_step`` would lose for good: a row at or before that step (a kill never tears a
+    row the checkpoint covers, since rows are written before their checkpoint; outside damage
+    can), or one whose step cannot be read. A torn row after ``resume_step`` is recomputed by
+    the resumed run; with no checkpoint (None) every row is."""
+    log = MetricsLog(os.path.join(run_dir, METRICS))
+    rows = log.read()
+    if log.torn is None or resume_step is None:
+        return
+    m = _STEP.search(log.torn)
+    step = int(m.group(1)) if m else None
+    if step is not None and step > resume_step:
+        return
+    what = f"a row of step {step}" if step is not None else "a row whose step is unreadable"
+    last = f" (the last whole row is step {rows[-1].get('step')})" if rows else ""
+    raise ValueError(f"{log.path}: its last line is torn, {what}{last}, and the run would resume from "
+                     f"checkpoint step {resume_step}, losing that row for good; restore the file from a "
+                     f"copy, or delete its last line to resume without the row, or delete {run_dir} to "
+                     f"train the run again")
 
 
 def read_metrics(run_dir: str):
@@ -503,7 +609,7 @@ def image_shape(run_dir: str, config=None) -> tuple[int, int, int]:
     from vaekl import data  # pylint: disable=g-import-not-at-top
 
     config = config or read_config(run_dir)
-    logging.info("%s has no %s: loading %s for the image shape", run_dir, META, config.dataset)
+    LOG.info("%s has no %s: loading %s for the image shape", run_dir, META, config.dataset)
     return tuple(data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
                            seed=config.data_seed).image_shape)
 

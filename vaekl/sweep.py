@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Callable
+import difflib
 import hashlib
 import itertools
 import json
+import logging as pylogging
 import math
 import os
 import traceback
 from typing import Any
 
-from absl import logging
 import ml_collections
 
 from vaekl import config as config_lib
 from vaekl import runs
+
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # Run status and checkpoints: the run directory's business (kept here as aliases).
 status = runs.status
@@ -69,7 +72,9 @@ def parse(spec: str, base: ml_collections.ConfigDict) -> list[dict[str, Any]]:
         if not sep or not values:
             raise ValueError(f"sweep: expected FIELD=V1,V2,... but got {item!r}")
         if field not in base:
-            raise ValueError(f"sweep: unknown config field {field!r}")
+            near = difflib.get_close_matches(field, [str(k) for k in base.keys()], n=1)
+            raise ValueError(f"sweep: unknown config field {field!r} in {item!r}; "
+                             + (f"did you mean {near[0]}?" if near else "the fields are the config's"))
         if any(field == f for f, _ in axes):
             raise ValueError(f"sweep: field {field!r} is given twice")
         sep = ";" if isinstance(base[field], tuple) else ","
@@ -246,12 +251,14 @@ def fitting_group_size(configs: list[ml_collections.ConfigDict], ds, devices=Non
 def check_run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     """None if ``workdir`` can be trained as ``config``, else why not, in one line naming the
     run directory: an unreadable or different config.json, a metrics.jsonl with an invalid
-    line before its last, or a num_steps change the run's schedules forbid. Reads only."""
+    line before its last or a torn last row that resuming would lose, or a num_steps change
+    the run's schedules forbid. Reads only."""
     from vaekl import train  # pylint: disable=g-import-not-at-top
 
     checks = ((runs.CONFIG, lambda: runs.check_config(workdir, config.to_dict())),
               (runs.METRICS, lambda: runs.MetricsLog(os.path.join(workdir, runs.METRICS)).read()),
-              (runs.CONFIG, lambda: train._check_extension(workdir, config)))  # pylint: disable=protected-access
+              (runs.CONFIG, lambda: train._check_extension(workdir, config)),  # pylint: disable=protected-access
+              (runs.METRICS, lambda: train.check_metrics(workdir)))
     for name, check in checks:
         try:
             check()
@@ -380,8 +387,8 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
                     errors[i] = f"{type(e).__name__}: {' '.join(str(e).split())}"
                 continue
             mine = [members[j] for j in placement.local_runs]  # the runs this process writes
-            logging.info("training %s in one program: %s", placement.describe(),
-                         ", ".join(os.path.basename(workdirs[i]) for i in members))
+            LOG.info("training %s in one program: %s", placement.describe(),
+                     ", ".join(os.path.basename(workdirs[i]) for i in members))
             try:
                 with sharding.use(placement):
                     results = train.train_group([configs[i] for i in mine], [workdirs[i] for i in mine],
@@ -389,7 +396,7 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
                                                 group=[os.path.basename(os.path.normpath(workdirs[i]))
                                                        for i in members])
             except Exception as e:  # pylint: disable=broad-except
-                logging.error("group failed: %s", traceback.format_exc())
+                LOG.error("group failed: %s", traceback.format_exc())
                 results = [e] * len(mine)
             for i, r in zip(mine, results):
                 errors[i] = f"{type(r).__name__}: {' '.join(str(r).split())}" if isinstance(r, Exception) else None

@@ -16,12 +16,12 @@ from collections.abc import Callable
 import dataclasses
 import functools
 import json
+import logging as pylogging
 import math
 import os
 import time
 from typing import Any, NamedTuple
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,6 +33,8 @@ from vaekl import checkpoints, data, objectives, regularizers, rundir, runs, sha
 from vaekl import metrics as metrics_lib
 from vaekl import config as config_lib
 from vaekl.models import vae as vae_lib
+
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # Per-run values of the optimizer (the objective's come from vaekl.regularizers.FIELDS).
 OPTIMIZER_PER_RUN = ("learning_rate",)
@@ -387,7 +389,7 @@ class Member:
         try:
             self.close()
         except Exception as e:  # pylint: disable=broad-except
-            logging.warning("closing %s after a failure: %s", self.workdir, e)
+            LOG.warning("closing %s after a failure: %s", self.workdir, e)
 
 
 # A vmapped group's step is committed atomically: every member saves step s, the group waits
@@ -423,7 +425,7 @@ def read_group_commit(workdir: str) -> dict | None:
             raise ValueError("not {step, members}")
         return marker
     except (ValueError, AttributeError, UnicodeDecodeError) as e:
-        logging.warning("ignoring the unreadable group commit marker %s (%s)", path, e)
+        LOG.warning("ignoring the unreadable group commit marker %s (%s)", path, e)
         return None
 
 
@@ -444,8 +446,8 @@ def _drop_uncommitted(m: Member) -> None:
     if marker is None:
         return
     for s in [s for s in m.mgr.all_steps() if s > marker["step"]]:
-        logging.warning("%s: dropping checkpoint step %d, which its group never committed (the group "
-                        "resumes from step %d)", m.workdir, s, marker["step"])
+        LOG.warning("%s: dropping checkpoint step %d, which its group never committed (the group "
+                    "resumes from step %d)", m.workdir, s, marker["step"])
         m.mgr.delete(s)
 
 
@@ -466,7 +468,7 @@ def _restore_start(members: list[Member]) -> int | None:
         except checkpoints.CorruptCheckpoint as e:  # no usable checkpoint: only this member fails
             if len(members) == 1:
                 raise
-            logging.error("%s; the rest of its group trains without it", e)
+            LOG.error("%s; the rest of its group trains without it", e)
             m.failure, m.error = str(e), e
     members = [m for m in members if m.failure is None]  # latest holds their steps
     if not members:
@@ -563,9 +565,11 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     big.unlock()
     big.latent_dim = max(m.k for m in members)
 
+    _check_batch_size(config, ds)
     for m in members:  # every check before the first directory is written
         rundir.check_config(m.workdir, m.config.to_dict())
         _check_extension(m.workdir, m.config)
+        check_metrics(m.workdir)
     try:
         for m in members:  # one writer per run directory (RunLocked names the holder)
             os.makedirs(m.workdir, exist_ok=True)
@@ -579,6 +583,27 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
         for m in members:
             m.abort()
             m.lock.release()
+
+
+def _check_batch_size(config: ml_collections.ConfigDict, ds: data.Dataset) -> None:
+    """Refuses a batch larger than the training images the steps draw from (after the
+    validation split; the TC estimators need N ≥ M), before anything is written."""
+    n = dataset_size(ds)
+    if config.batch_size > n:
+        held = f" after validation_size={config.validation_size}" if config.validation_size else ""
+        raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} training images of "
+                         f"dataset {config.dataset!r}{held}; use --config.batch_size={n} or less")
+
+
+def check_metrics(workdir: str) -> None:
+    """Refuses to resume a run whose metrics.jsonl lost a row for good to a torn last line
+    (:func:`vaekl.runs.check_torn_row`), resuming from its latest checkpoint or its group's
+    last committed step, whichever is earlier."""
+    start = runs.latest_checkpoint(workdir)
+    marker = read_group_commit(workdir) if start is not None else None
+    if marker is not None:
+        start = min(start, marker["step"])
+    runs.check_torn_row(workdir, start)
 
 
 def _check_extension(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -608,7 +633,7 @@ def _placement(members: list[Member], config, big) -> sharding.Placement:
         raise ValueError(f"the placement gives this process {len(placement.local_runs)} run(s) of the "
                          f"group; it has {len(members)}")
     big.latent_dim = max(big.latent_dim, placement.latent_dim)
-    logging.info("program: %s", placement.describe())
+    LOG.info("program: %s", placement.describe())
     return placement
 
 
@@ -655,7 +680,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
         member_states.append(pad_like(state, template))
     state = placement.put_runs(jax.tree.map(lambda *a: np.stack(a), *member_states))
     if start is not None:
-        logging.info("resuming %d run(s) from step %d", len(members), start)
+        LOG.info("resuming %d run(s) from step %d", len(members), start)
 
     arrays, draw = batch_source(ds)
     fns = compile_fns(config, graphdef, tx, vmapped=True, draw=draw, dataset_size=dataset_size(ds),
@@ -735,7 +760,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
                 m.mgr.wait_until_finished()
                 m.failure = (f"non-finite loss at step {bad} of {m.workdir}; the last good checkpoint "
                              f"is step {m.mgr.latest_step()}. Lower learning_rate or check the data.")
-                logging.error("%s", m.failure)
+                LOG.error("%s", m.failure)
         if not placement.any_process(bool(live())):  # processes of one program stop together
             break
         step = stop
@@ -748,12 +773,12 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
             curve = []
         rate = (step - step_start) / (time.perf_counter() - t_start)
         alive = [i for i, _ in live()]
-        logging.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s%s  ETA %s",
-                     step, config.num_steps, losses[alive].mean(),
-                     float(np.mean(np.asarray(metrics["neg_elbo"])[alive])),
-                     float(np.mean(np.asarray(metrics["kl"])[alive])), rate,
-                     f" × {len(alive)} runs" if len(members) > 1 else "",
-                     _format_eta((config.num_steps - step) / rate))
+        LOG.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s%s  ETA %s",
+                 step, config.num_steps, losses[alive].mean(),
+                 float(np.mean(np.asarray(metrics["neg_elbo"])[alive])),
+                 float(np.mean(np.asarray(metrics["kl"])[alive])), rate,
+                 f" × {len(alive)} runs" if len(members) > 1 else "",
+                 _format_eta((config.num_steps - step) / rate))
         evaluated = step % config.eval_every == 0 or step == config.num_steps
         if evaluated:
             eval_and_log(step)
