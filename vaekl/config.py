@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from vaekl import regularizers
+from vaekl import kl_estimators, regularizers
 from vaekl.models.likelihoods import LIKELIHOODS
 from vaekl.models.priors import PRIORS
 from vaekl.models.vae import MODELS
@@ -19,6 +19,7 @@ from vaekl.models.networks import ACTIVATIONS
 
 BINARIZATIONS = ("none", "threshold", "dynamic", "fixed_stochastic")
 LR_SCHEDULES = ("constant", "cosine", "iwae")
+OBJECTIVES = ("elbo", "iwae")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -48,6 +49,10 @@ def defaults() -> ml_collections.ConfigDict:
     # Objective (nats): recon + the regularizer's penalty (vaekl.regularizers); its fields
     # (β, schedules, strengths) are declared in vaekl.regularizers.FIELDS and added below.
     c.regularizer = "kl"          # kl | free_bits | capacity | tcvae | dip_i | dip_ii | mmd | factor
+    c.kl_estimator = "analytic"   # the KL the penalty uses: analytic (closed form) | mc (one-sample
+    #                               log q − log p) | stl (mc, q's parameters stopped in log q)
+    c.objective = "elbo"          # elbo (recon + penalty) | iwae (Burda et al.'s K-sample bound)
+    c.iwae_k = 1                  # K, importance samples of objective=iwae
     # Optimization.
     c.batch_size = 100
     c.learning_rate = 1e-3
@@ -120,6 +125,19 @@ def _regularizer_field(config, name: str, f: regularizers.Field) -> None:
             raise ValueError(f"config.{name}={value!r} must be <= {f.high}")
 
 
+def _objective(config: ml_collections.ConfigDict) -> None:
+    """objective=iwae is the bound itself: no regularizer or β, and K only with it."""
+    if config.objective == "elbo":
+        if config.iwae_k != 1:
+            raise ValueError(f"config.iwae_k={config.iwae_k!r} has no effect with objective='elbo'; "
+                             "set objective='iwae'")
+        return
+    if config.regularizer != "kl" or config.beta != 1 or config.beta_schedule != "constant":
+        raise ValueError(f"config.objective='iwae' is the K-sample bound itself: it needs "
+                         f"regularizer='kl', beta=1, beta_schedule='constant', not "
+                         f"{config.regularizer!r}, {config.beta!r}, {config.beta_schedule!r}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field; dataset existence is checked on load."""
     known = defaults()
@@ -132,7 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field, choices in [("model", MODELS), ("posterior", ("diag", "full")), ("prior", PRIORS),
                            ("likelihood", LIKELIHOODS), ("binarization", BINARIZATIONS),
                            ("lr_schedule", LR_SCHEDULES), ("activation", tuple(ACTIVATIONS)),
-                           ("regularizer", tuple(regularizers.REGISTRY))]:
+                           ("regularizer", tuple(regularizers.REGISTRY)),
+                           ("kl_estimator", kl_estimators.ESTIMATORS), ("objective", OBJECTIVES)]:
         _choice(config, field, choices)
     if not isinstance(config.dataset, str) or not config.dataset:
         raise ValueError(f"config.dataset={config.dataset!r} must be a dataset name")
@@ -146,6 +165,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least(config, "validation_size", 0, integer=True)
     _at_least(config, "steps_per_call", 0, integer=True)
     _at_least(config, "active_units_threshold", 0.0)
+    _at_least(config, "iwae_k", 1, integer=True)
+    _objective(config)
     for field in ("learning_rate", "likelihood_sigma", "adam_eps"):
         if not _number(config, field) > 0:
             raise ValueError(f"config.{field}={config[field]!r} must be > 0")
