@@ -182,7 +182,7 @@ ds = data.load(run.config.dataset, run.config.data_dir or None, test_fraction=ru
 _, images = train.prepare(run.config, ds)
 x = data.to_float(jnp.asarray(images["test"]))
 q = run.model.encode(x)
-p = run.model.prior()
+p = run.model.prior_distribution()
 t = gaussian.kl_terms(q, p, per_dim=True)
 kl_i = np.asarray(gaussian.kl(q, p, per_dim=True), np.float64).mean(0)
 trace_i, maha_i, logdet_i = (np.asarray(a, np.float64).mean(0) for a in (t.trace, t.mahalanobis, t.log_det_ratio))

@@ -13,6 +13,7 @@ import ml_collections
 
 from vaekl import kl_estimators, regularizers
 from vaekl.models.likelihoods import LIKELIHOODS
+from vaekl.models.priors import MIXTURES as MIXTURE_PRIORS
 from vaekl.models.priors import PRIORS
 from vaekl.models.vae import MODELS
 from vaekl.models.networks import ACTIVATIONS
@@ -41,7 +42,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.conv_channels = (32, 64)
     c.conv_hidden = 256
     c.posterior = "diag"          # diag | full
-    c.prior = "std_normal"        # std_normal | diag | full
+    c.prior = "std_normal"        # std_normal | diag | full | mog | vamp (mixtures: kl_estimator mc/stl)
+    c.prior_components = 1        # C, components of a mog or vamp prior (pseudo-inputs for vamp)
     c.likelihood = "bernoulli"    # bernoulli | gaussian | gaussian_learned
     c.likelihood_sigma = 1.0      # σ of the Gaussian likelihood (its start when learned)
     c.latent_dim = 8
@@ -138,6 +140,22 @@ def _objective(config: ml_collections.ConfigDict) -> None:
                          f"{config.regularizer!r}, {config.beta!r}, {config.beta_schedule!r}")
 
 
+def _mixture_prior(config: ml_collections.ConfigDict) -> None:
+    """mog and vamp have no closed-form KL and no per-dimension KL."""
+    _at_least(config, "prior_components", 1, integer=True)
+    if config.prior not in MIXTURE_PRIORS:
+        if config.prior_components != 1:
+            raise ValueError(f"config.prior_components={config.prior_components!r} has no effect with "
+                             f"prior={config.prior!r}; it is read by prior 'mog' or 'vamp'")
+        return
+    if config.kl_estimator == "analytic":
+        raise ValueError(f"config.prior={config.prior!r} has no closed-form KL: set kl_estimator='mc' "
+                         "or 'stl', not 'analytic'")
+    if config.regularizer in ("free_bits", "tcvae", "mmd"):
+        raise ValueError(f"config.regularizer={config.regularizer!r} needs a per-dimension or "
+                         f"factorized prior, not prior={config.prior!r}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field; dataset existence is checked on load."""
     known = defaults()
@@ -190,5 +208,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{reg.posteriors}, not {config.posterior!r}")
     if config.regularizer == "mmd" and config.prior != "std_normal":
         raise ValueError("config.regularizer='mmd' draws from N(0, I): set prior=std_normal")
+    _mixture_prior(config)
     if config.regularizer in ("tcvae",) and config.prior == "full":
         raise ValueError("config.regularizer='tcvae' needs a factorized prior (std_normal or diag)")

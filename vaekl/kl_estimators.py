@@ -18,54 +18,33 @@ share is not its closed-form KLᵢ in expectation, only the sum is. Nats per exa
 from __future__ import annotations
 
 from collections.abc import Callable
-import math
-
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
-from vaekl.models.gaussian import Gaussian
+from vaekl.models.gaussian import Gaussian, Mixture, log_prob_per_dim
 
 ESTIMATORS = ("analytic", "mc", "stl")
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def log_prob_per_dim(g: Gaussian | None, z: jax.Array) -> jax.Array:
-    """[..., k] log g(zᵢ | z₍<ᵢ₎) in nats, whose sum over i is log g(z); g = None is N(0, I).
-
-    Diagonal: the marginals log N(zᵢ; μᵢ, σᵢ²). Full (Σ = LLᵀ): with w = L⁻¹(z − μ),
-    −½wᵢ² − log|Lᵢᵢ| − ½ log 2π (wᵢ depends on z₍≤ᵢ₎ only, L being lower triangular)."""
-    if g is None:
-        return -0.5 * (jnp.square(z) + _LOG_2PI)
-    if g.is_diagonal:
-        return -0.5 * (jnp.square(z - g.mean) * jnp.exp(-g.log_var) + g.log_var + _LOG_2PI)
-    shape = jnp.broadcast_shapes(z.shape, g.mean.shape)
-    l = jnp.broadcast_to(g.scale_tril, (*shape, shape[-1]))
-    w = solve_triangular(l, jnp.broadcast_to(z - g.mean, shape)[..., None], lower=True)[..., 0]
-    log_diag = jnp.log(jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1)))
-    return -0.5 * (jnp.square(w) + _LOG_2PI) - log_diag
+__all__ = ["ESTIMATORS", "log_prob_per_dim", "monte_carlo", "sticking_the_landing", "per_dim"]
 
 
 def _stopped(q: Gaussian) -> Gaussian:
     return jax.tree.map(jax.lax.stop_gradient, q)
 
 
-def monte_carlo(q: Gaussian, p: Gaussian | None, z: jax.Array, mask: jax.Array) -> jax.Array:
-    """[B, k] log q(zᵢ|x, z₍<ᵢ₎) − log p(zᵢ|z₍<ᵢ₎) at z [B, k], masked dimensions 0 (estimator A)."""
+def monte_carlo(q: Gaussian, p: Gaussian | Mixture | None, z: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, k] log q(zᵢ|x, z₍<ᵢ₎) − log p(zᵢ|z₍<ᵢ₎) at z [B, k], masked dimensions 0 (estimator A).
+
+    A mixture prior's log p(z) does not split by dimension: its share is spread evenly over the
+    live dimensions, so only sums over dimensions are meaningful then."""
+    if isinstance(p, Mixture):
+        share = p.log_prob(z, mask)[..., None] * mask / jnp.maximum(mask.sum(), 1.0)
+        return log_prob_per_dim(q, z) * mask - share
     return (log_prob_per_dim(q, z) - log_prob_per_dim(p, z)) * mask
 
 
 def sticking_the_landing(q: Gaussian, p: Gaussian | None, z: jax.Array, mask: jax.Array) -> jax.Array:
     """:func:`monte_carlo` with q's parameters stopped inside log q (the value is the same)."""
     return monte_carlo(_stopped(q), p, z, mask)
-
-
-def log_q_for(estimator: str) -> Callable[[Gaussian, jax.Array], jax.Array]:
-    """(q, z) → [B] log q(z|x) as the estimator differentiates it (stopped parameters for stl)."""
-    check(estimator)
-    if estimator == "stl":
-        return lambda q, z: jnp.sum(log_prob_per_dim(_stopped(q), z), -1)
-    return lambda q, z: jnp.sum(log_prob_per_dim(q, z), -1)
 
 
 SAMPLED: dict[str, Callable[[Gaussian, Gaussian | None, jax.Array, jax.Array], jax.Array]] = {
@@ -85,5 +64,8 @@ def per_dim(estimator: str, q: Gaussian, p: Gaussian | None, z: jax.Array, mask:
     masked closed form, returned as is) for 'analytic', else the one-sample estimate at z."""
     check(estimator)
     if estimator == "analytic":
+        if isinstance(p, Mixture):
+            raise ValueError("kl_estimator='analytic' has no closed form for a mixture prior "
+                             "(mog, vamp): use mc or stl")
         return closed_form
     return SAMPLED[estimator](q, p, z, mask)

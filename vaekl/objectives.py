@@ -11,6 +11,12 @@ free bits, capacity, β-TCVAE, DIP-VAE, InfoVAE/MMD, FactorVAE). The per-run hyp
 ``hp`` (β, the strengths, …) are traced values, so runs that differ only in them share one
 compiled program; the :class:`Static` settings are compile-time.
 
+The KL the penalty uses is the closed form or a one-sample estimate (``kl_estimator``,
+:mod:`vaekl.kl_estimators`); the logged ``kl`` stays the closed form, with ``kl_estimate``
+beside it, except for mixture priors (mog, vamp), which have none: there ``kl`` is the
+estimate and the per-dimension terms are NaN. ``objective='iwae'`` minimizes instead
+``neg_iwae``, −(the K-sample importance-weighted bound) (:func:`iwae_bound`).
+
 Besides the regularizer's own metrics, every run logs the closed-form KL with its terms per
 latent dimension and β-TCVAE's split of the batch KL (index-code MI, total correlation,
 dimension-wise KL; minibatch-stratified estimate with N the training-set size), whatever its
@@ -102,9 +108,17 @@ def parts(model: VAE, x: jax.Array, key: jax.Array, latent_mask: jax.Array | Non
     q = model.encode(x)
     mask = jnp.ones(q.latent_dim, q.mean.dtype) if latent_mask is None else latent_mask.astype(q.mean.dtype)
     z = q.sample(key) * mask
-    p = model.prior()
-    out = {"recon": -model.likelihood.log_prob(x, model.decode(z)),
-           "kl_per_dim": gaussian.kl(q, p, per_dim=True) * mask, "posterior_mean": q.mean * mask}
+    p = model.prior_distribution()
+    out = {"recon": -model.likelihood.log_prob(x, model.decode(z)), "posterior_mean": q.mean * mask}
+    if gaussian.is_mixture(p):  # no closed form: NaN, and the objective logs the estimate as kl
+        nan = jnp.full(q.mean.shape, jnp.nan, q.mean.dtype)
+        out["kl_per_dim"] = nan
+        for name in TERMS:
+            out[name] = nan[..., 0]
+            if name != "kl_dim":
+                out[name + "_per_dim"] = nan
+        return Parts(q, z, p, mask, out)
+    out["kl_per_dim"] = gaussian.kl(q, p, per_dim=True) * mask
     for name, term in zip(TERMS, gaussian.kl_terms(q, p, per_dim=True)):
         out[name] = jnp.sum(term * mask, -1)
         if name != "kl_dim":
@@ -216,9 +230,9 @@ def objective(model: VAE, x: jax.Array, key: jax.Array, step: jax.Array,
     mean = {k: v.mean(0) for k, v in pt.per_example.items() if k != "posterior_mean"}
     kl_pen = penalty_kl(pt, static)
     out = regularize(pt, step, hp, static, k_reg, aux, kl_pen)
-    kl = mean["kl_per_dim"].sum()
-    loss = mean["recon"] + out.penalty
     extra = _estimate_metrics(kl_pen, static)
+    kl = extra["kl_estimate"] if gaussian.is_mixture(pt.p) else mean["kl_per_dim"].sum()
+    loss = mean["recon"] + out.penalty
     if static.objective == "iwae":
         extra["neg_iwae"] = -iwae_bound(model, x, pt, jax.random.fold_in(k_z, 1), static.iwae_k,
                                         static.kl_estimator).mean()
@@ -268,7 +282,7 @@ def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
     batch_means = {k: v[:full].mean(0) for k, v in batch.items()}
     mu = per["posterior_mean"]
     au_variance = jnp.mean(jnp.square(mu - mu.mean(0)), 0)
-    kl = means["kl_per_dim"].sum()
+    kl = batch_means["kl_estimate"] if gaussian.is_mixture(model.prior_distribution()) else means["kl_per_dim"].sum()
     loss = means["neg_iwae"] if static.objective == "iwae" else means["recon"] + batch_means["penalty"]
     return dict(means, **batch_means, kl=kl, neg_elbo=means["recon"] + kl, loss=loss,
                 active_units=jnp.sum(au_variance > active_units_threshold), au_variance=au_variance)
