@@ -47,7 +47,7 @@ def sticking_the_landing(q: Gaussian, p: Gaussian | None, z: jax.Array, mask: ja
     return monte_carlo(_stopped(q), p, z, mask)
 
 
-SAMPLED: dict[str, Callable[[Gaussian, Gaussian | None, jax.Array, jax.Array], jax.Array]] = {
+SAMPLED: dict[str, Callable[[Gaussian, Gaussian | Mixture | None, jax.Array, jax.Array], jax.Array]] = {
     "mc": monte_carlo,
     "stl": sticking_the_landing,
 }
