@@ -1075,7 +1075,7 @@ def _encode_means(run: Any, x: np.ndarray, batch: int = 500) -> np.ndarray:
 
 def _prior_moments(run: Any) -> tuple[np.ndarray, np.ndarray]:
     """([d] mean, [d] standard deviation) of the run's prior's marginals."""
-    p = run.model.prior()
+    p = run.model.prior_distribution()
     k = run.model.latent_dim
     if p is None:
         return np.zeros(k, np.float32), np.ones(k, np.float32)

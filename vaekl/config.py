@@ -11,14 +11,16 @@ import math
 
 import ml_collections
 
-from vaekl import data, disentanglement, regularizers
+from vaekl import data, disentanglement, kl_estimators, regularizers
 from vaekl.models.likelihoods import LIKELIHOODS
+from vaekl.models.priors import MIXTURES as MIXTURE_PRIORS
 from vaekl.models.priors import PRIORS
 from vaekl.models.vae import MODELS
 from vaekl.models.networks import ACTIVATIONS
 
 BINARIZATIONS = ("none", "threshold", "dynamic", "fixed_stochastic")
 LR_SCHEDULES = ("constant", "cosine", "iwae")
+OBJECTIVES = ("elbo", "iwae")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -40,7 +42,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.conv_channels = (32, 64)
     c.conv_hidden = 256
     c.posterior = "diag"          # diag | full
-    c.prior = "std_normal"        # std_normal | diag | full
+    c.prior = "std_normal"        # std_normal | diag | full | mog | vamp (mixtures: kl_estimator mc/stl)
+    c.prior_components = 1        # C, components of a mog or vamp prior (pseudo-inputs for vamp)
     c.likelihood = "bernoulli"    # bernoulli | gaussian | gaussian_learned
     c.likelihood_sigma = 1.0      # σ of the Gaussian likelihood (its start when learned)
     c.latent_dim = 8
@@ -48,6 +51,10 @@ def defaults() -> ml_collections.ConfigDict:
     # Objective (nats): recon + the regularizer's penalty (vaekl.regularizers); its fields
     # (β, schedules, strengths) are declared in vaekl.regularizers.FIELDS and added below.
     c.regularizer = "kl"          # kl | free_bits | capacity | tcvae | dip_i | dip_ii | mmd | factor
+    c.kl_estimator = "analytic"   # the KL the penalty uses: analytic (closed form) | mc (one-sample
+    #                               log q − log p) | stl (mc, q's parameters stopped in log q)
+    c.objective = "elbo"          # elbo (recon + penalty) | iwae (Burda et al.'s K-sample bound)
+    c.iwae_k = 1                  # K, importance samples of objective=iwae
     # Optimization.
     c.batch_size = 100
     c.learning_rate = 1e-3
@@ -124,6 +131,35 @@ def _regularizer_field(config, name: str, f: regularizers.Field) -> None:
             raise ValueError(f"config.{name}={value!r} must be <= {f.high}")
 
 
+def _objective(config: ml_collections.ConfigDict) -> None:
+    """objective=iwae is the bound itself: no regularizer or β, and K only with it."""
+    if config.objective == "elbo":
+        if config.iwae_k != 1:
+            raise ValueError(f"config.iwae_k={config.iwae_k!r} has no effect with objective='elbo'; "
+                             "set objective='iwae'")
+        return
+    if config.regularizer != "kl" or config.beta != 1 or config.beta_schedule != "constant":
+        raise ValueError(f"config.objective='iwae' is the K-sample bound itself: it needs "
+                         f"regularizer='kl', beta=1, beta_schedule='constant', not "
+                         f"{config.regularizer!r}, {config.beta!r}, {config.beta_schedule!r}")
+
+
+def _mixture_prior(config: ml_collections.ConfigDict) -> None:
+    """mog and vamp have no closed-form KL and no per-dimension KL."""
+    _at_least(config, "prior_components", 1, integer=True)
+    if config.prior not in MIXTURE_PRIORS:
+        if config.prior_components != 1:
+            raise ValueError(f"config.prior_components={config.prior_components!r} has no effect with "
+                             f"prior={config.prior!r}; it is read by prior 'mog' or 'vamp'")
+        return
+    if config.kl_estimator == "analytic":
+        raise ValueError(f"config.prior={config.prior!r} has no closed-form KL: set kl_estimator='mc' "
+                         "or 'stl', not 'analytic'")
+    if config.regularizer in ("free_bits", "tcvae", "mmd"):
+        raise ValueError(f"config.regularizer={config.regularizer!r} needs a per-dimension or "
+                         f"factorized prior, not prior={config.prior!r}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field; dataset existence is checked on load."""
     known = defaults()
@@ -136,7 +172,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field, choices in [("model", MODELS), ("posterior", ("diag", "full")), ("prior", PRIORS),
                            ("likelihood", LIKELIHOODS), ("binarization", BINARIZATIONS),
                            ("lr_schedule", LR_SCHEDULES), ("activation", tuple(ACTIVATIONS)),
-                           ("regularizer", tuple(regularizers.REGISTRY))]:
+                           ("regularizer", tuple(regularizers.REGISTRY)),
+                           ("kl_estimator", kl_estimators.ESTIMATORS), ("objective", OBJECTIVES)]:
         _choice(config, field, choices)
     if not isinstance(config.dataset, str) or not config.dataset:
         raise ValueError(f"config.dataset={config.dataset!r} must be a dataset name")
@@ -161,6 +198,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.metric_names={tuple(config.metric_names)!r}: choose one or more of "
                          f"{tuple(disentanglement.METRICS)}")
     _at_least(config, "active_units_threshold", 0.0)
+    _at_least(config, "iwae_k", 1, integer=True)
+    _objective(config)
     for field in ("learning_rate", "likelihood_sigma", "adam_eps"):
         if not _number(config, field) > 0:
             raise ValueError(f"config.{field}={config[field]!r} must be > 0")
@@ -184,5 +223,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{reg.posteriors}, not {config.posterior!r}")
     if config.regularizer == "mmd" and config.prior != "std_normal":
         raise ValueError("config.regularizer='mmd' draws from N(0, I): set prior=std_normal")
+    _mixture_prior(config)
     if config.regularizer in ("tcvae",) and config.prior == "full":
         raise ValueError("config.regularizer='tcvae' needs a factorized prior (std_normal or diag)")

@@ -81,6 +81,8 @@ def tensorboard_scalars(r: Mapping[str, Any]) -> dict[str, float]:
 
 
 def tensorboard_histograms(r: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The per-dimension entries of a row, tagged ``split/name``, for TensorBoard histograms."""
+    """The per-dimension entries of a row, tagged ``split/name``, for TensorBoard histograms
+    (those with a non-finite value, e.g. the NaN closed-form terms of a mixture prior, left out)."""
     return {f"{r['split']}/{k}": np.asarray(v, np.float64) for k, v in r.items()
-            if k in REGISTRY and REGISTRY[k].per_dim and len(v)}
+            if k in REGISTRY and REGISTRY[k].per_dim and len(v)
+            and np.all(np.isfinite(np.asarray(v, np.float64)))}

@@ -11,6 +11,12 @@ free bits, capacity, β-TCVAE, DIP-VAE, InfoVAE/MMD, FactorVAE). The per-run hyp
 ``hp`` (β, the strengths, …) are traced values, so runs that differ only in them share one
 compiled program; the :class:`Static` settings are compile-time.
 
+The KL the penalty uses is the closed form or a one-sample estimate (``kl_estimator``,
+:mod:`vaekl.kl_estimators`); the logged ``kl`` stays the closed form, with ``kl_estimate``
+beside it, except for mixture priors (mog, vamp), which have none: there ``kl`` is the
+estimate and the per-dimension terms are NaN. ``objective='iwae'`` minimizes instead
+``neg_iwae``, −(the K-sample importance-weighted bound) (:func:`iwae_bound`).
+
 Besides the regularizer's own metrics, every run logs the closed-form KL with its terms per
 latent dimension and β-TCVAE's split of the batch KL (index-code MI, total correlation,
 dimension-wise KL; minibatch-stratified estimate with N the training-set size), whatever its
@@ -20,13 +26,14 @@ regularizer, because those are what a researcher compares across methods.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vaekl import estimators, regularizers
+from vaekl import estimators, kl_estimators, regularizers
 from vaekl import metrics as M
 from vaekl.models import gaussian
 from vaekl.models.vae import VAE
@@ -38,6 +45,8 @@ M.declare("loss", "the minimized objective recon + penalty")
 M.declare("neg_elbo", "negative ELBO recon + KL (unweighted)")
 M.declare("recon", "reconstruction −E_q log p(x|z), one sample")
 M.declare("kl", "closed-form KL(q(z|x) ‖ p(z))")
+M.declare("kl_estimate", "the KL estimate the penalty used (kl_estimator mc or stl), one draw")
+M.declare("neg_iwae", "−(the K-sample importance-weighted bound), the iwae objective's loss")
 M.declare("penalty", "the regularizer's penalty")
 M.declare("kl_per_dim", "KL per latent dimension", per_dim=True)
 M.declare("kl_trace", "Σᵢ of the trace term tr(Σp⁻¹Σq) (dimensionless)")
@@ -60,11 +69,15 @@ class Static(NamedTuple):
     settings: tuple[tuple[str, Any], ...]  # the static regularizer fields
     num_steps: int
     dataset_size: int
+    kl_estimator: str = "analytic"  # analytic | mc | stl (vaekl.kl_estimators)
+    objective: str = "elbo"         # elbo | iwae
+    iwae_k: int = 1                 # K, importance samples of the iwae objective
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, dataset_size: int) -> "Static":
         return cls(config.regularizer, tuple((k, config[k]) for k in regularizers.static_fields()),
-                   int(config.num_steps), int(dataset_size))
+                   int(config.num_steps), int(dataset_size), config.kl_estimator,
+                   config.objective, int(config.iwae_k))
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
@@ -95,9 +108,17 @@ def parts(model: VAE, x: jax.Array, key: jax.Array, latent_mask: jax.Array | Non
     q = model.encode(x)
     mask = jnp.ones(q.latent_dim, q.mean.dtype) if latent_mask is None else latent_mask.astype(q.mean.dtype)
     z = q.sample(key) * mask
-    p = model.prior()
-    out = {"recon": -model.likelihood.log_prob(x, model.decode(z)),
-           "kl_per_dim": gaussian.kl(q, p, per_dim=True) * mask, "posterior_mean": q.mean * mask}
+    p = model.prior_distribution()
+    out = {"recon": -model.likelihood.log_prob(x, model.decode(z)), "posterior_mean": q.mean * mask}
+    if gaussian.is_mixture(p):  # no closed form: NaN, and the objective logs the estimate as kl
+        nan = jnp.full(q.mean.shape, jnp.nan, q.mean.dtype)
+        out["kl_per_dim"] = nan
+        for name in TERMS:
+            out[name] = nan[..., 0]
+            if name != "kl_dim":
+                out[name + "_per_dim"] = nan
+        return Parts(q, z, p, mask, out)
+    out["kl_per_dim"] = gaussian.kl(q, p, per_dim=True) * mask
     for name, term in zip(TERMS, gaussian.kl_terms(q, p, per_dim=True)):
         out[name] = jnp.sum(term * mask, -1)
         if name != "kl_dim":
@@ -117,13 +138,83 @@ def tc_parts(pt: Parts, dataset_size: int) -> dict[str, jax.Array]:
     return {k: d[k].mean() for k in TC_PARTS}
 
 
+def penalty_kl(pt: Parts, static: Static) -> jax.Array:
+    """[B, k] the KL the penalty uses: the closed form ('analytic') or the one-sample estimate
+    at the parts' draw z ('mc', 'stl'; :mod:`vaekl.kl_estimators`)."""
+    return kl_estimators.per_dim(static.kl_estimator, pt.q, pt.p, pt.z, pt.mask,
+                                 pt.per_example["kl_per_dim"])
+
+
 def regularize(pt: Parts, step: jax.Array, hp: Mapping[str, jax.Array], static: Static,
-               key: jax.Array, aux: Any = None) -> regularizers.Output:
-    """The run's regularizer applied to a batch's parts."""
+               key: jax.Array, aux: Any = None, kl_per_dim: jax.Array | None = None
+               ) -> regularizers.Output:
+    """The run's regularizer applied to a batch's parts, with the KL ``kl_per_dim`` [B, k]
+    (default :func:`penalty_kl`)."""
     reg = regularizers.get(static.regularizer)
-    inp = regularizers.Inputs(pt.q, pt.z, pt.p, pt.mask, pt.per_example["kl_per_dim"],
+    kl_per_dim = penalty_kl(pt, static) if kl_per_dim is None else kl_per_dim
+    inp = regularizers.Inputs(pt.q, pt.z, pt.p, pt.mask, kl_per_dim,
                               jnp.asarray(step), static.num_steps, static.dataset_size, key, aux)
     return reg.fn(inp, hp, dict(static.settings))
+
+
+def _estimate_metrics(kl_pen: jax.Array, static: Static) -> dict[str, jax.Array]:
+    """``kl_estimate`` (batch mean) beside the closed form, for the sampled estimators only."""
+    return {} if static.kl_estimator == "analytic" else {"kl_estimate": kl_pen.sum(-1).mean()}
+
+
+def log_ratio(q: gaussian.Gaussian, p, z: jax.Array, mask: jax.Array, kl_estimator: str) -> jax.Array:
+    """[B] log q(z|x) − log p(z) over the unmasked dimensions, q's parameters stopped inside
+    log q for 'stl' (the per-dimension estimate of :mod:`vaekl.kl_estimators`, summed)."""
+    est = kl_estimators.SAMPLED["stl" if kl_estimator == "stl" else "mc"]
+    return est(q, p, z, mask).sum(-1)
+
+
+def iwae_log_weights(model: VAE, x: jax.Array, q: gaussian.Gaussian, p, mask: jax.Array,
+                     keys: jax.Array, kl_estimator: str) -> jax.Array:
+    """[S, B] log p(x|zₛ) + log p(zₛ) − log q(zₛ|x), zₛ = q.sample(keysₛ) (masked dims zeroed)."""
+
+    def one(key):
+        z = q.sample(key) * mask
+        return model.likelihood.log_prob(x, model.decode(z)) - log_ratio(q, p, z, mask, kl_estimator)
+
+    return jax.vmap(one)(keys)
+
+
+IWAE_CHUNK = 50  # draws decoded at once by the iwae objective: memory grows with IWAE_CHUNK·B
+
+
+def iwae_bound(model: VAE, x: jax.Array, pt: Parts, key: jax.Array, num_samples: int,
+               kl_estimator: str = "mc", chunk: int = IWAE_CHUNK) -> jax.Array:
+    """[B] the K-sample importance-weighted bound log (1/K) Σₛ p(x, zₛ)/q(zₛ|x) (Burda et al.
+    2016), differentiable, nats.
+
+    Draw 0 is the parts' own z, so at K = 1 the bound is −(recon + the MC KL estimate) on that
+    draw, the one-sample ELBO; draws s = 1..K−1 use fold_in(key, s), decoded ``chunk`` at a time
+    (rematerialized in the backward pass) with a streaming log-sum-exp, so memory is bounded
+    whatever K. With kl_estimator='stl' q's parameters are stopped inside log q (Roeder et al.'s
+    path estimator; biased for K > 1, Tucker et al. 2018); 'analytic' and 'mc' both give the
+    ordinary IWAE gradient (the bound has no separate KL).
+    """
+    lw0 = -pt.per_example["recon"] - log_ratio(pt.q, pt.p, pt.z, pt.mask, kl_estimator)
+    rest = num_samples - 1
+    m, s = lw0, jnp.ones_like(lw0)
+    if rest:
+        size = max(d for d in range(1, min(rest, chunk) + 1) if rest % d == 0)
+
+        @jax.checkpoint
+        def body(carry, c):
+            m, s = carry
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(1 + c * size + jnp.arange(size))
+            lw = iwae_log_weights(model, x, pt.q, pt.p, pt.mask, keys, kl_estimator)
+            m_new = jax.lax.stop_gradient(jnp.maximum(m, lw.max(0)))
+            return (m_new, s * jnp.exp(m - m_new) + jnp.exp(lw - m_new).sum(0)), None
+
+        n_chunks = rest // size
+        if n_chunks == 1:
+            (m, s), _ = body((m, s), jnp.int32(0))
+        else:
+            (m, s), _ = jax.lax.scan(body, (m, s), jnp.arange(n_chunks))
+    return m + jnp.log(s) - math.log(num_samples)
 
 
 def objective(model: VAE, x: jax.Array, key: jax.Array, step: jax.Array,
@@ -137,11 +228,17 @@ def objective(model: VAE, x: jax.Array, key: jax.Array, step: jax.Array,
     k_z, k_reg = jax.random.split(key)
     pt = parts(model, x, k_z, latent_mask)
     mean = {k: v.mean(0) for k, v in pt.per_example.items() if k != "posterior_mean"}
-    out = regularize(pt, step, hp, static, k_reg, aux)
-    kl = mean["kl_per_dim"].sum()
+    kl_pen = penalty_kl(pt, static)
+    out = regularize(pt, step, hp, static, k_reg, aux, kl_pen)
+    extra = _estimate_metrics(kl_pen, static)
+    kl = extra["kl_estimate"] if gaussian.is_mixture(pt.p) else mean["kl_per_dim"].sum()
     loss = mean["recon"] + out.penalty
+    if static.objective == "iwae":
+        extra["neg_iwae"] = -iwae_bound(model, x, pt, jax.random.fold_in(k_z, 1), static.iwae_k,
+                                        static.kl_estimator).mean()
+        loss = extra["neg_iwae"]
     metrics = dict(mean, kl=kl, neg_elbo=mean["recon"] + kl, loss=loss, penalty=out.penalty,
-                   **tc_parts(pt, static.dataset_size), **out.metrics)
+                   **tc_parts(pt, static.dataset_size), **out.metrics, **extra)
     return loss, (metrics, jnp.asarray(out.aux_loss, jnp.float32))
 
 
@@ -167,10 +264,16 @@ def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
 
     def one(x_u8, i):
         k_in, k_z, k_reg = jax.random.split(jax.random.fold_in(key, i), 3)
-        pt = parts(model, to_inputs(k_in, x_u8), k_z, latent_mask)
-        out = regularize(pt, step, hp, static, k_reg, aux)
-        batch = dict(penalty=out.penalty, **tc_parts(pt, static.dataset_size), **out.metrics)
+        x = to_inputs(k_in, x_u8)
+        pt = parts(model, x, k_z, latent_mask)
+        kl_pen = penalty_kl(pt, static)
+        out = regularize(pt, step, hp, static, k_reg, aux, kl_pen)
+        batch = dict(penalty=out.penalty, **tc_parts(pt, static.dataset_size), **out.metrics,
+                     **_estimate_metrics(kl_pen, static))
         per = dict(pt.per_example)
+        if static.objective == "iwae":
+            per["neg_iwae"] = -iwae_bound(model, x, pt, jax.random.fold_in(k_z, 1), static.iwae_k,
+                                          static.kl_estimator)
         return per, jax.tree.map(lambda v: jnp.broadcast_to(v, (x_u8.shape[0], *jnp.shape(v))), batch)
 
     per, batch = batched_map(one, images, bs)
@@ -179,7 +282,7 @@ def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
     batch_means = {k: v[:full].mean(0) for k, v in batch.items()}
     mu = per["posterior_mean"]
     au_variance = jnp.mean(jnp.square(mu - mu.mean(0)), 0)
-    kl = means["kl_per_dim"].sum()
-    return dict(means, **batch_means, kl=kl, neg_elbo=means["recon"] + kl,
-                loss=means["recon"] + batch_means["penalty"],
+    kl = batch_means["kl_estimate"] if gaussian.is_mixture(model.prior_distribution()) else means["kl_per_dim"].sum()
+    loss = means["neg_iwae"] if static.objective == "iwae" else means["recon"] + batch_means["penalty"]
+    return dict(means, **batch_means, kl=kl, neg_elbo=means["recon"] + kl, loss=loss,
                 active_units=jnp.sum(au_variance > active_units_threshold), au_variance=au_variance)

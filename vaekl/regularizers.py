@@ -114,7 +114,9 @@ class Inputs(NamedTuple):
       z: [B, k] one reparameterized draw z ~ q(z|x), masked dimensions zeroed.
       p: the prior (None: N(0, I)).
       mask: [k] 1.0 for a live latent dimension, 0.0 for a padded one.
-      kl_per_dim: [B, k] closed-form KL(q(z|x) ‖ p) per example and dimension (masked), nats.
+      kl_per_dim: [B, k] KL(q(z|x) ‖ p) per example and dimension (masked), nats: the closed
+        form, or the one-draw estimate at z with ``kl_estimator`` mc or stl
+        (:mod:`vaekl.kl_estimators`; only its sums are meaningful for a mixture prior).
       step: int32 scalar, the training step.
       num_steps: static int, the run's length.
       dataset_size: static int N, the training-set size.

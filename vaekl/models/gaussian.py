@@ -70,6 +70,60 @@ class Gaussian:
         return -0.5 * (jnp.sum(jnp.square(w), -1) + log_det + k * math.log(2 * math.pi))
 
 
+def log_prob_per_dim(g: "Gaussian | None", z: jax.Array) -> jax.Array:
+    """[..., k] log g(zᵢ | z₍<ᵢ₎) in nats, whose sum over i is log g(z); g = None is N(0, I).
+
+    Diagonal: the marginals log N(zᵢ; μᵢ, σᵢ²). Full (Σ = LLᵀ): with w = L⁻¹(z − μ),
+    −½wᵢ² − log|Lᵢᵢ| − ½ log 2π (wᵢ depends on z₍≤ᵢ₎ only, L being lower triangular)."""
+    log_2pi = math.log(2 * math.pi)
+    if g is None:
+        return -0.5 * (jnp.square(z) + log_2pi)
+    if g.is_diagonal:
+        return -0.5 * (jnp.square(z - g.mean) * jnp.exp(-g.log_var) + g.log_var + log_2pi)
+    shape = jnp.broadcast_shapes(z.shape, g.mean.shape)
+    l = jnp.broadcast_to(g.scale_tril, (*shape, shape[-1]))
+    w = jax.scipy.linalg.solve_triangular(l, jnp.broadcast_to(z - g.mean, shape)[..., None], lower=True)[..., 0]
+    return -0.5 * (jnp.square(w) + log_2pi) - jnp.log(jnp.abs(jnp.diagonal(l, axis1=-2, axis2=-1)))
+
+
+@struct.dataclass
+class Mixture:
+    """A prior Σ_c π_c N(z; μ_c, Σ_c) with no closed-form KL (MoG, VampPrior).
+
+    Attributes:
+      components: a Gaussian with batch shape [C] (diagonal or full), over k dimensions.
+      logits: [C] unnormalized log weights, π = softmax(logits).
+    """
+
+    components: Gaussian
+    logits: jax.Array
+
+    is_diagonal = False  # not a factorized Gaussian: no per-dimension closed forms
+
+    @property
+    def latent_dim(self) -> int:
+        return self.components.latent_dim
+
+    def log_prob(self, z: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """[...] log p(z) in nats for z [..., k]; with ``mask`` [k] (0/1), over the live
+        dimensions only (each component's chain-rule factors of masked dimensions dropped)."""
+        per = log_prob_per_dim(self.components, z[..., None, :])  # [..., C, k]
+        if mask is not None:
+            per = per * mask
+        return jax.nn.logsumexp(jax.nn.log_softmax(self.logits) + per.sum(-1), -1)
+
+    def sample(self, key: jax.Array, num: int) -> jax.Array:
+        """[num, k] draws: a component c ~ π, then z ~ N(μ_c, Σ_c)."""
+        k_c, k_z = jax.random.split(key)
+        c = jax.random.categorical(k_c, self.logits, shape=(num,))
+        comp = jax.tree.map(lambda a: a[c], self.components)
+        return comp.sample(k_z)
+
+
+def is_mixture(p) -> bool:
+    return isinstance(p, Mixture)
+
+
 def standard_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     """N(0, 1) draws of ``shape`` [..., k], latent dimension i from its own stream fold_in(key, i).
 
@@ -98,13 +152,21 @@ def _dispatch(q: Gaussian, p: Gaussian | None, terms: bool):
     return fn, (q.mean, q.tril(), mean_p, p.tril())
 
 
+def _no_closed_form(p) -> None:
+    if isinstance(p, Mixture):
+        raise ValueError("a mixture prior (mog, vamp) has no closed-form KL: use a sampled "
+                         "kl_estimator (mc or stl)")
+
+
 def kl(q: Gaussian, p: Gaussian | None = None, *, per_dim: bool = False) -> jax.Array:
     """KL(q || p) in nats, [...] (or [..., k]); p = None is N(0, I)."""
+    _no_closed_form(p)
     fn, args = _dispatch(q, p, terms=False)
     return fn(*args, per_dim=per_dim)
 
 
 def kl_terms(q: Gaussian, p: Gaussian | None = None, *, per_dim: bool = False) -> klib.KLTerms:
     """The KL's (trace, mahalanobis, log_det_ratio, dim) terms; p = None is N(0, I)."""
+    _no_closed_form(p)
     fn, args = _dispatch(q, p, terms=True)
     return fn(*args, per_dim=per_dim)

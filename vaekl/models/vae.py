@@ -10,7 +10,7 @@ import ml_collections
 from flax import nnx
 
 from vaekl.models import networks, posteriors
-from vaekl.models.gaussian import Gaussian, standard_normal
+from vaekl.models.gaussian import Gaussian, Mixture, standard_normal
 from vaekl.models.likelihoods import Likelihood
 from vaekl.models.priors import Prior
 
@@ -38,13 +38,17 @@ class VAE(nnx.Module):
         """q(z|x) for images x [..., H, W, C] in [0, 1]."""
         return self.head(self.encoder(x))
 
+    def prior_distribution(self) -> Gaussian | Mixture | None:
+        """p(z): a Gaussian, a Mixture (mog, vamp), or None for N(0, I)."""
+        return self.prior(self.encode) if self.prior.kind == "vamp" else self.prior()
+
     def decode(self, z: jax.Array) -> jax.Array:
         """Decoder outputs (logits or means) [..., H, W, C] for latents z [..., k]."""
         return self.decoder(z)
 
     def sample(self, key: jax.Array, num: int) -> jax.Array:
         """E[x|z] for ``num`` draws z ~ p(z), [num, H, W, C]."""
-        p = self.prior()
+        p = self.prior_distribution()
         if p is None:
             z = standard_normal(key, (num, self.latent_dim))
         else:
@@ -76,7 +80,9 @@ def make_vae(config: ml_collections.ConfigDict, image_shape: Sequence[int], key:
     rngs = nnx.Rngs(params=key)
     enc, dec = _networks(config, tuple(image_shape), rngs)
     head = posteriors.GaussianHead(config.posterior, enc.features, config.latent_dim, rngs=rngs)
-    return VAE(enc, head, dec, Prior(config.prior, config.latent_dim),
+    prior = Prior(config.prior, config.latent_dim, config.get("prior_components", 1), image_shape,
+                  jax.random.fold_in(key, 7))
+    return VAE(enc, head, dec, prior,
                Likelihood(config.likelihood, config.likelihood_sigma), config.latent_dim)
 
 

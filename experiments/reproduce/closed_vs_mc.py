@@ -1,0 +1,112 @@
+r"""Issue 21's reproduction rows from their run directories → ROW.json (and a one-line table).
+
+    python -m experiments.reproduce.closed_vs_mc --row=kl_estimators --runs=runs/kl_estimators
+    python -m experiments.reproduce.closed_vs_mc --row=priors --runs=runs/priors
+    python -m experiments.reproduce.closed_vs_mc --row=iwae_objective --runs=runs/iwae_objective
+
+Each run is read from its config.json, eval.json (experiments.evaluate) and metrics.jsonl, and
+grouped by the row's field (kl_estimator, prior, iwae_k). Per group and metric: mean, sd, min,
+max over the seeds of the test −ELBO, the importance-weighted NLL, the active units, and the
+steps to reach a fixed test −ELBO (``--target``; default the largest final test −ELBO among
+the runs, so that every run reaches it; a run that never does counts as NaN). Writes
+--out/closed_vs_mc_ROW.json (configs in experiments/reproduce/mnist_{kl_estimators,priors,
+iwae_objective}.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+ROWS = {"kl_estimators": "kl_estimator", "priors": "prior", "iwae_objective": "iwae_k"}
+METRICS = ("neg_elbo", "nll", "active_units", "steps_to_target")
+
+_ROW = flags.DEFINE_enum("row", None, list(ROWS), "Which row.")
+_RUNS = flags.DEFINE_string("runs", None, "The row's sweep directory.")
+_OUT = flags.DEFINE_string("out", "docs/reproductions", "Where closed_vs_mc_ROW.json goes.")
+_TARGET = flags.DEFINE_float("target", None, "The fixed test −ELBO (default: the worst run's final one).")
+
+
+def _read(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run python -m experiments.evaluate --workdir={run_dir}")
+    with open(path) as f:
+        ev = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        curve = [(r["step"], float(r["neg_elbo"])) for r in map(json.loads, f) if r["split"] == "test"]
+    return {"run": os.path.basename(run_dir), "config": config, "eval": ev, "curve": sorted(curve)}
+
+
+def steps_to(curve: list[tuple[int, float]], target: float) -> float:
+    """The first evaluated step whose test −ELBO is ≤ target (NaN if none)."""
+    return next((float(s) for s, v in curve if v <= target), math.nan)
+
+
+def _stats(values) -> dict:
+    a = np.asarray(values, np.float64)
+    ok = a[np.isfinite(a)]
+    if not len(ok):
+        return {"mean": math.nan, "sd": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"mean": float(ok.mean()), "sd": float(ok.std(ddof=1)) if len(ok) > 1 else math.nan,
+            "min": float(ok.min()), "max": float(ok.max()), "n": int(len(ok))}
+
+
+def summarize(runs_dir: str, row: str, target: float | None = None) -> dict:
+    """The row's result: {row, field, target, groups: {value: {seeds, runs, <metric>: stats}}}."""
+    field = ROWS[row]
+    dirs = sorted(os.path.join(runs_dir, d) for d in os.listdir(runs_dir)
+                  if os.path.exists(os.path.join(runs_dir, d, "config.json")))
+    if not dirs:
+        raise FileNotFoundError(f"no run directory in {runs_dir}")
+    runs = [_read(d) for d in dirs]
+    if target is None:
+        target = max(r["curve"][-1][1] for r in runs)
+    groups: dict = {}
+    for r in runs:
+        g = groups.setdefault(str(r["config"][field]), {"seeds": [], "runs": [], "values": []})
+        g["seeds"].append(r["config"]["seed"])
+        g["runs"].append(r["run"])
+        g["values"].append({"neg_elbo": r["eval"]["neg_elbo"], "nll": r["eval"]["nll"],
+                            "active_units": r["eval"]["active_units"],
+                            "steps_to_target": steps_to(r["curve"], target)})
+    for g in groups.values():
+        values = g.pop("values")
+        for m in METRICS:
+            g[m] = _stats([v[m] for v in values])
+    steps = {r["config"]["num_steps"] for r in runs}
+    return {"row": row, "field": field, "target_neg_elbo": float(target), "num_steps": sorted(steps),
+            "num_samples": sorted({r["eval"].get("num_samples") for r in runs}), "groups": groups}
+
+
+def table(result: dict) -> str:
+    lines = [f"| {result['field']} | seeds | test −ELBO | NLL | active units | steps to −ELBO ≤ "
+             f"{result['target_neg_elbo']:.2f} |", "|---|---|---|---|---|---|"]
+    for value, g in result["groups"].items():
+        cell = lambda s: f"{s['mean']:.2f} ({s['min']:.2f}–{s['max']:.2f})"  # noqa: E731
+        lines.append(f"| {value} | {len(g['seeds'])} | {cell(g['neg_elbo'])} | {cell(g['nll'])} | "
+                     f"{cell(g['active_units'])} | {cell(g['steps_to_target'])} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    result = summarize(_RUNS.value, _ROW.value, _TARGET.value)
+    os.makedirs(_OUT.value, exist_ok=True)
+    path = os.path.join(_OUT.value, f"closed_vs_mc_{_ROW.value}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(table(result))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["row", "runs"])
+    app.run(main)
