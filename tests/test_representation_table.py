@@ -140,7 +140,8 @@ def test_progress_lines_are_rate_limited_with_an_eta():
 
 def test_evaluate_all_logs_each_metric(monkeypatch):
     lines = []
-    monkeypatch.setattr(progress.logging, "info", lambda fmt, *a: lines.append(fmt % a))
+    for module in (progress, dis):  # vaekl's named loggers
+        monkeypatch.setattr(module.LOG, "info", lambda fmt, *a: lines.append(fmt % a))
     gt = tiny_rendered()
     dis.evaluate_all(gt, rowwise, np.random.default_rng(0), metrics=["mig", "dci"], options=SMALL,
                      progress_every=1e9)

@@ -60,10 +60,12 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+import logging as pylogging
 from sklearn import ensemble, linear_model, metrics, svm
 
 from vaekl import progress as progress_lib
+
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 __all__ = [
     "GroundTruthData",
@@ -1047,7 +1049,7 @@ def evaluate_all(ground_truth_data: GroundTruthData, representation_fn: Represen
         total = encodings_needed(name, ground_truth_data.factor_sizes, kwargs)
         bar = progress_lib.Progress(f"[{i + 1}/{len(wanted)}] {name}", total, "codes", progress_every)
         if progress_every is not None:
-            logging.info("[%d/%d] %s: %s codes (%s)", i + 1, len(wanted), name, f"{total:,}",
+            LOG.info("[%d/%d] %s: %s codes (%s)", i + 1, len(wanted), name, f"{total:,}",
                          "grid posteriors, on demand" if name == "mig_sampling" else source)
         if name == "mig_sampling":
             out[name] = mig_sampling(ground_truth_data, posterior_fn, children[name], **kwargs)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from absl import logging
+import logging as pylogging
+
+LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 __all__ = ["Progress", "format_seconds"]
 
@@ -35,7 +37,7 @@ class Progress:
         if total < 0:
             raise ValueError(f"Progress {what!r}: total must be >= 0, got {total}")
         self.what, self.total, self.unit, self.every = what, int(total), unit, every
-        self.log = log or (lambda *a: logging.info(*a))  # looked up per line (absl's, or a patched one)
+        self.log = log or (lambda *a: LOG.info(*a))  # looked up per line (absl's, or a patched one)
         self.clock = clock
         self.done = 0
         self.start = self.last = clock()

@@ -724,7 +724,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
             result = trajectory.score(ds, m.graphdef, params, m.config.seed, metric_options,
                                       metrics=tuple(config.metric_names))
             trajectory.record(m.workdir, step, result)
-            logging.info("%s step %d: MIG %.3f  FactorVAE %.3f  DCI-D %.3f (%s, %.0f s)", m.workdir, step,
+            LOG.info("%s step %d: MIG %.3f  FactorVAE %.3f  DCI-D %.3f (%s, %.0f s)", m.workdir, step,
                          result["scores"].get("mig", float("nan")),
                          result["scores"].get("factor_vae_score.eval_accuracy", float("nan")),
                          result["scores"].get("dci.disentanglement", float("nan")),
