@@ -26,6 +26,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from vaekl import config as config_lib
 from vaekl import data, objectives, train
@@ -74,18 +76,21 @@ def main() -> None:
     images = load_images(args.data)
     image_size = int(np.prod(images.shape[1:]))
     graphdef, state0, tx = train.create(c, images.shape[1:])
-    obj = objectives.Objective.from_config(c)
-    fresh = lambda: jax.tree.map(jnp.copy, state0)
+    static = objectives.Static.from_config(c, len(images))
+    hp = train.hyperparameters(c)
+    fresh = lambda: jax.tree.map(jnp.copy, state0)  # noqa: E731
 
-    # (a) per-step jitted calls, host batches.
+    # (a) per-step jitted calls, host batches: the same objective and Adam update as vaekl's step.
     @jax.jit
     def step(state, x, key):
         def loss_fn(params):
-            model = train.nnx.merge(graphdef, params)
-            return objectives.loss(model, x, key, state.step, jnp.float32(1.0), obj)
+            model = nnx.merge(graphdef, params)
+            loss, (m, _) = objectives.objective(model, x, key, state.step, hp, static)
+            return loss, m
         (_, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(g, state.opt_state, state.params)
-        return train.TrainState(train.optax.apply_updates(state.params, updates), opt_state, state.step + 1), m["loss"]
+        updates, opt_state = tx.model.update(g, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: -hp["learning_rate"] * u, updates)
+        return train.TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), m["loss"]
 
     rng = np.random.default_rng(0)
     host = images.astype(np.float32) / 255.0
@@ -106,7 +111,7 @@ def main() -> None:
     def run_b():
         state, key = fresh(), jax.random.key(0)
         for _ in range(args.steps // chunk):
-            state, m = fns.run_steps(state, dev_images, jnp.float32(1.0), key, None, num_steps=chunk)
+            state, m = fns.run_steps(state, dev_images, hp, key, None, num_steps=chunk)
         jax.block_until_ready(m["loss"])
 
     # Ceilings: a big square matmul, and the model's matmuls alone.

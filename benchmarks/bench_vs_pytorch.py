@@ -167,9 +167,11 @@ def main() -> None:
     if torch:
         print(f"  PyTorch ÷ vaekl: {res['pytorch_over_vaekl']:.2f}× (above 1: vaekl faster)")
 
+    save(args.out, res)  # what is measured so far survives a time limit on what follows
     if args.group > 1:
         modes = args.group_modes.split(",")
         res["group"] = group_times(conv_step, setup, args.group, args.rounds, args.steps, one, per_call, modes)
+        save(args.out, res)
         g = res["group"]
         print(f"group of {args.group} in one program, seconds per model-step (one model: {g['one']:.4f}):")
         for mode in modes:
@@ -181,8 +183,12 @@ def main() -> None:
         print_layers(res["layers"])
     if torch:
         torch.close()
-    if args.out:
-        with open(args.out, "w") as f:
+    save(args.out, res)
+
+
+def save(path: str, res: dict) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=1)
 
 

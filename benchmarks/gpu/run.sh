@@ -26,7 +26,7 @@ if [ "$TINY" = --tiny ]; then
   STEP_ARGS=(--rounds 1 --steps 1 --group 2) TRAIN_ARGS=(--steps 20) SWEEP_ARGS=(--steps 20 --grid "beta=1,4" --sequential_runs 1 --skip_local)
   SLICE_ARGS=(--tiny)
 else
-  T_TESTS=100 T_STEP=50 T_TRAIN=35 T_SWEEP=70 T_SLICE=300
+  T_TESTS=100 T_STEP=90 T_TRAIN=35 T_SWEEP=90 T_SLICE=300
   TEST_SEL=(-m "device and not slow" -n 4 tests)
   STEP_ARGS=(--rounds 5 --steps 200 --group 12 --group_modes vmap --torch_python python3 --device_torch cuda)
   TRAIN_ARGS=(--steps 2000)

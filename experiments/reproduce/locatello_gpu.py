@@ -35,7 +35,7 @@ _METHOD = flags.DEFINE_enum("method", "beta_tc_vae", list(locatello_dsprites.MET
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per strength.")
 _TINY = flags.DEFINE_bool("tiny", False, "Toy sizes (2 strengths, 2 seeds, 10 steps, small metrics).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 500, "Steps per compiled call (and per log row).")
-_EVAL_SHARE = flags.DEFINE_float("eval_share", 0.45, "Fraction of the budget kept for the metrics and evaluation.")
+_EVAL_SHARE = flags.DEFINE_float("eval_share", 0.6, "Fraction of the budget kept for the metrics and evaluation.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 CONFIG = "experiments/reproduce/locatello_dsprites.py"
