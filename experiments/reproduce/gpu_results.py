@@ -4,7 +4,7 @@
 
 DIR is run.sh's output directory (as fetched back: env.json, timing.json, tests.xml, the parts'
 logs and runs.tgz of the slice's run directories, checkpoints left out). Writes
-``OUT/gpu_<device>.json`` (device, versions, each part's exit status and time, the device tests'
+``OUT/<device>_gpu.json`` (device, versions, each part's exit status and time, the device tests'
 counts, the conv step against PyTorch as printed by bench_vs_pytorch) and the slice's curves
 ``OUT/locatello_beta_tc_vae_gpu.{json,png}`` (:mod:`locatello_curves`). Numbers are read from
 the files, never typed in.
@@ -83,7 +83,7 @@ def collect(results: str, out: str) -> dict:
             sl = locatello_curves.summarize(runs, out, SLICE, extra={"device": device})
             res["slice"] = None if sl is None else {"file": f"{SLICE}.json", "runs": sl["runs"],
                                                     "last_step": sl["last_step"], "verdicts": sl["verdicts"]}
-    name = "gpu_" + re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+    name = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_") + "_gpu"
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(res, f, indent=1)
     return res
