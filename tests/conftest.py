@@ -19,7 +19,7 @@ SLOW_MODULES = {"test_train", "test_sweep", "test_slurm", "test_runs", "test_rep
 SLOW_TESTS = ("test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
               "test_one_sample_elbo_is_unbiased", "test_iwae_objective_trains", "test_sampled_estimators_train",
               "test_analysis_of_a_tiny_digits_run", "test_mixture_priors_train",
-              "test_row_runs_on_tiny_settings")
+              "test_row_runs_on_tiny_settings", "test_conv_group_member")
 
 
 # Modules that exercise device code (numerics, models, estimators, objectives, training steps):

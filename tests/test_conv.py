@@ -99,3 +99,42 @@ def test_run_map_sequential_equals_vmap():
         train.run_map(f, (0, None, 0), "sequential")(states, shared, hp[:2])
     with pytest.raises(ValueError, match="unknown member mode 'loop'"):
         train.run_map(f, (0, None, 0), "loop")
+
+
+def test_conv_group_member_equals_standalone():
+    """A conv group on the CPU (members one after another in one program, the trainer's default
+    there) trains each member exactly as its standalone run: different k (padded and masked),
+    β, learning rate and seed; and the members are not computed as grouped convolutions."""
+    from vaekl import config as config_lib, data  # pylint: disable=g-import-not-at-top
+
+    def conv_config(**kw):
+        c = config_lib.defaults()
+        c.model, c.conv_channels, c.conv_hidden, c.batch_size = "conv", (4, 8), 16, 16
+        for k, v in kw.items():
+            c[k] = v
+        return c
+
+    ds = data.load("digits")
+    images, n = jnp.asarray(ds.train_images), ds.train_images.shape[0]
+    configs = [conv_config(latent_dim=3, beta=0.5, learning_rate=1e-3, seed=0),
+               conv_config(latent_dim=5, beta=2.0, learning_rate=3e-3, seed=1)]
+    assert train.member_mode(configs[0]) == ("sequential" if jax.default_backend() == "cpu" else "vmap")
+    small = configs[0]
+    graphdef, init, tx = train.create(small, ds.image_shape)
+    key = jax.random.fold_in(jax.random.key(small.seed), 2)
+    want, want_m = train.compile_fns(small, graphdef, tx, vmapped=False, dataset_size=n).run_steps(
+        jax.tree.map(jnp.copy, init), images, train.hyperparameters(small), key, None, num_steps=2)
+    big = configs[1]
+    graphdef, template, tx = train.create(big, ds.image_shape)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), train.pad_like(init, template), template)
+    masks = jnp.asarray([np.arange(5) < c.latent_dim for c in configs], jnp.float32)
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 2) for c in configs])
+    fns = train.compile_fns(big, graphdef, tx, vmapped=True, dataset_size=n, members="sequential")
+    hp = train._stack_hyperparameters(configs)  # pylint: disable=protected-access
+    lowered = jax.jit(lambda s: fns.run_steps(s, images, hp, keys, masks, num_steps=2)).lower(stacked).as_text()
+    assert "feature_group_count = 1" in lowered and "feature_group_count = 2" not in lowered
+    got, got_m = fns.run_steps(stacked, images, hp, keys, masks, num_steps=2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                 train.slice_like(jax.tree.map(lambda a: a[0], got), init), want)
+    np.testing.assert_allclose(got_m["loss"][0], want_m["loss"], rtol=2e-5)
+    assert not np.allclose(got_m["loss"][0], got_m["loss"][1])
