@@ -5,26 +5,26 @@
 # (β-TCVAE β = 6, FactorVAE γ = 40: not tuned here), 3 seeds each, STEPS steps, with
 # MIG / FactorVAE score / DCI along training every METRIC_EVERY steps (sample sizes below,
 # stated in every disentanglement.jsonl row). Both cores: two launchers side by side, each
-# pinned to one core (members of a method run one after another in one program per launcher).
+# pinned to one core; a method's runs are one program (members one after another).
 #
 #   bash experiments/reproduce/locatello_slice_cpu.sh [WORKDIR] [STEPS] [METRIC_EVERY]
 #   python -m experiments.reproduce.summarize --only=locatello_slice --locatello_slice_runs=WORKDIR
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORKDIR=${1:-runs/locatello_slice}
-STEPS=${2:-1500}
+STEPS=${2:-1000}
 EVERY=${3:-500}
 PY=${PY:-.venv/bin/python}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORKDIR/.jax_cache}
 CONFIG=experiments/reproduce/locatello_dsprites.py
-# Along training on one core: MIG at disentanglement_lib's size; FactorVAE score on 500/250
+# Along training on one core: MIG at disentanglement_lib's size; FactorVAE score on 100/50
 # votes and DCI on 2,000/1,000 points (the defaults would encode ~640,000 images per row).
-METRICS='{"factor_vae_score": {"num_train": 500, "num_eval": 250}, "dci": {"num_train": 2000, "num_test": 1000}}'
+METRICS='{"factor_vae_score": {"num_train": 100, "num_eval": 50}, "dci": {"num_train": 2000, "num_test": 1000}}'
 COMMON=(--config.num_steps="$STEPS" --config.eval_every="$STEPS" --config.checkpoint_every="$EVERY"
         --config.log_every=50 --config.metric_every="$EVERY" --config.metric_options="$METRICS")
 sweep() {  # sweep CORE METHOD SWEEP
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c "$1" \
-    "$PY" -m launch.sweep --config="$CONFIG:$2" "${COMMON[@]}" --sweep="$3" --workdir="$WORKDIR/$2" \
+    "$PY" -m launch.sweep --config="$CONFIG:$2" "${COMMON[@]}" --sweep="$3" --workdir="$WORKDIR/$2" --max_group=6 \
     > "$WORKDIR/$2.$1.log" 2>&1
 }
 mkdir -p "$WORKDIR"
