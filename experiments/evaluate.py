@@ -2,6 +2,9 @@ r"""Evaluates a run (or every run of a sweep): IWAE test NLL, ELBO, KL analysis 
 
     python -m experiments.evaluate --workdir=RUN_DIR [--num_samples=5000]
     python -m experiments.evaluate --workdir=SWEEP_DIR      # each run directory inside
+
+The user modules a run recorded (config.imports) are imported first; --import=MODULE adds
+more (e.g. for runs trained before config.imports existed).
 """
 
 import json
@@ -28,6 +31,7 @@ _DCI = flags.DEFINE_enum("dci_model", "random_forest", ["random_forest", "gbt"],
 _OPTIONS = flags.DEFINE_string("metric_options", "", "JSON {metric: {argument: value}} overriding the "
                                 "disentanglement metrics' defaults (e.g. smaller sample sizes).")
 _SKIP = flags.DEFINE_bool("skip_done", False, "Skip runs that already have an eval.json.")
+_IMPORT = cli.define_import_flag()
 flags.mark_flags_as_required(["workdir"])
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 SLOW_MODULES = {"test_train", "test_sweep", "test_slurm", "test_runs", "test_report", "test_linear_vae",
                 "test_sharding"}
 # Single slow tests in otherwise fast modules (substring of the test's node id).
-SLOW_TESTS = ("test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
+SLOW_TESTS = ("test_train_evaluate_report_and_load", "test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
               "test_one_sample_elbo_is_unbiased")
 
 

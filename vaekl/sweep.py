@@ -25,7 +25,7 @@ from absl import logging
 import ml_collections
 
 from vaekl import config as config_lib
-from vaekl import runs
+from vaekl import runs, user_modules
 
 # Run status and checkpoints: the run directory's business (kept here as aliases).
 status = runs.status
@@ -333,6 +333,8 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
     import jax  # pylint: disable=g-import-not-at-top
     from vaekl import data, train  # pylint: disable=g-import-not-at-top
 
+    for c in configs:  # a Slurm task is a fresh process: the runs' user modules first
+        user_modules.import_all(c.get("imports"))
     configs = [ml_collections.ConfigDict(c) for c in configs]
     errors: list[str | None] = [check_run(c, w) for c, w in zip(configs, workdirs)]
     written, programs = [False] * len(configs), [None] * len(configs)
