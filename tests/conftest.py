@@ -5,12 +5,26 @@ Tests that train models, start processes or need Slurm are marked ``slow``; ``ma
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
+
+# One persistent JAX compilation cache for the whole session: this process, the xdist workers
+# and every subprocess the tests start (they inherit the environment, read by JAX when it is
+# imported), so a program compiled once is loaded, not compiled again, everywhere after. Every
+# CPU program is kept (no minimum compile time or size). Entries are written non-atomically;
+# one cut short by a kill fails to decompress, and JAX then warns and compiles (never runs a
+# wrong program). A JAX_COMPILATION_CACHE_DIR set by the caller is used (and kept) instead.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaekl-test-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # Whole modules that train models, launch processes or need a cluster.
 SLOW_MODULES = {"test_train", "test_sweep", "test_slurm", "test_runs", "test_report", "test_linear_vae",
@@ -22,6 +36,11 @@ SLOW_TESTS = ("test_train_evaluate_report_and_load", "test_vmapped_member", "tes
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains models, starts processes or needs Slurm")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it (not an xdist worker)
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
