@@ -58,6 +58,7 @@ def sweep_ratio(reg: str, steps: int, runs: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         for i, v in enumerate(values):  # (a): one program per strength
             group = configs[i * seeds:(i + 1) * seeds]
+            train.clear_compiled()  # as before: a strength was part of the program
             train.train_group(group, [f"{tmp}/a/{i}-{s}" for s in range(seeds)], dataset=ds)
         t_a = time.perf_counter() - t0
         t0 = time.perf_counter()

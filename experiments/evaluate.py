@@ -6,6 +6,8 @@ r"""Evaluates a run (or every run of a sweep): IWAE test NLL, ELBO, KL analysis 
 On dSprites the disentanglement metrics run at disentanglement_lib's default sample sizes,
 reading codes from a table of the whole factor grid (--representation_table); progress lines
 with an ETA every 10 s. --metric_options overrides the sizes.
+The user modules a run recorded (config.imports) are imported first; --import=MODULE adds
+more (e.g. for runs trained before config.imports existed).
 """
 
 import json
@@ -39,6 +41,7 @@ _TABLE = flags.DEFINE_enum("representation_table", "auto", ["auto", "always", "n
                            "when that encodes fewer images than the metrics' sample sizes ask for (at "
                            "disentanglement_lib's default sizes); the scores are the same either way.")
 _SKIP = flags.DEFINE_bool("skip_done", False, "Skip runs that already have an eval.json.")
+_IMPORT = cli.define_import_flag()
 flags.mark_flags_as_required(["workdir"])
 
 

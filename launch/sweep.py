@@ -26,6 +26,8 @@ Two launches of one sweep may overlap: a run directory locked by another live pr
 other launch finished it, and trained otherwise. The local backend stops its children
 (SIGTERM, then waits) when the launcher gets SIGTERM or SIGINT, and shows each failed
 child's last error line. Mistakes in flags or the sweep print one line (vaekl.cli).
+--import=MODULE imports a user module (a regularizer, metric or dataset defined outside
+vaekl) first; every run records it in config.imports, and every backend imports it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from ml_collections import config_flags
 from vaekl import cli
 from vaekl import runs as runs_lib
 from vaekl import sweep as sweep_lib
+from vaekl import user_modules
 
 LOG = pylogging.getLogger("launch.sweep")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
@@ -77,6 +80,7 @@ _DATA_PARALLEL = flags.DEFINE_bool("data_parallel", None, "vmap/slurm: shard eac
 _NODES = flags.DEFINE_integer("slurm_nodes", 1, "slurm: nodes per task (its processes share each program "
                               "through jax.distributed).")
 _TASKS_PER_NODE = flags.DEFINE_integer("slurm_tasks_per_node", 1, "slurm: processes per node of a task.")
+_IMPORT = cli.define_import_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -179,8 +183,9 @@ def _flag_value(value) -> str:
 def train_command(config_file: str, file_config: ml_collections.ConfigDict, run: Run) -> list[str]:
     """`python -m experiments.train` with every field where the run differs from the file."""
     cmd = [sys.executable, "-m", "experiments.train", f"--config={config_file}", f"--workdir={run.workdir}"]
+    cmd += [f"--{user_modules.FLAG}={m}" for m in run.config.imports]  # before the config is built
     for k, v in run.config.items():
-        if k not in file_config or file_config[k] != v:
+        if k != "imports" and (k not in file_config or file_config[k] != v):
             cmd.append(f"--config.{k}={_flag_value(v)}")
     return cmd
 
@@ -449,6 +454,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
+    _CONFIG.value.imports = user_modules.merge(_CONFIG.value.imports, _IMPORT.value)  # every run records them
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     spec = sweep_spec(_SWEEP.value, config_file, _CONFIG.value)
     runs_lib.check_writable(_WORKDIR.value)

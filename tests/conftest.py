@@ -5,18 +5,32 @@ Tests that train models, start processes or need Slurm are marked ``slow``; ``ma
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
+# One persistent JAX compilation cache for the whole session: this process, the xdist workers
+# and every subprocess the tests start (they inherit the environment, read by JAX when it is
+# imported), so a program compiled once is loaded, not compiled again, everywhere after. Every
+# CPU program is kept (no minimum compile time or size). Entries are written non-atomically;
+# one cut short by a kill fails to decompress, and JAX then warns and compiles (never runs a
+# wrong program). A JAX_COMPILATION_CACHE_DIR set by the caller is used (and kept) instead.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaekl-test-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 # Whole modules that train models, launch processes or need a cluster.
 SLOW_MODULES = {"test_train", "test_sweep", "test_slurm", "test_runs", "test_report", "test_linear_vae",
                 "test_sharding"}
 # Single slow tests in otherwise fast modules (substring of the test's node id).
-SLOW_TESTS = ("test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
+SLOW_TESTS = ("test_train_evaluate_report_and_load", "test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
               "test_one_sample_elbo_is_unbiased", "test_iwae_objective_trains", "test_sampled_estimators_train",
               "test_analysis_of_a_tiny_digits_run", "test_mixture_priors_train",
               "test_row_runs_on_tiny_settings", "test_conv_group_member")
@@ -31,6 +45,11 @@ DEVICE_MODULES = {"test_kl", "test_models", "test_estimators", "test_objectives"
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: trains models, starts processes or needs Slurm")
     config.addinivalue_line("markers", "device: exercises device code; run on an accelerator by benchmarks/gpu/run.sh")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):  # the process that made it (not an xdist worker)
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

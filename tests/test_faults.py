@@ -48,27 +48,6 @@ from vaekl import checkpoints, cli, report, runs, sweep, train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache for this module: the killed and resumed sweeps
-    compile the same programs again and again (seconds each on a busy CPU)."""
-    try:  # a private API: without it the module only runs slower
-        from jax._src.compilation_cache import reset_cache  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        reset_cache = lambda: None
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    for n, v in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-        jax.config.update(n, v)
-    reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    reset_cache()
-
-
 class Killed(BaseException):
     """What the fault hook raises: like a kill, nothing in vaekl catches it."""
 

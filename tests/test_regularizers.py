@@ -8,6 +8,7 @@ README row. Plus grouping (strengths never split a sweep into programs) and the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -185,3 +186,30 @@ def test_readme_example_adds_a_regularizer_that_trains(tmp_path):
             reg.clear()
             reg.update(old)
     assert set(config_lib.defaults()) == fields_before
+
+
+def test_compile_fns_reuses_the_program_of_an_equal_key():
+    """Runs that differ only in per-run values (strengths, learning rate, seed) get the same
+    jitted functions, so nothing is traced or compiled again; a static field, another model
+    or another registry entry under the same name gets new ones."""
+    base = small_config(regularizer="capacity")
+    graphdef, _, tx = train.create(base, (8, 8, 1))
+    fns = train.compile_fns(base, graphdef, tx, vmapped=False, dataset_size=100)
+    other = small_config(regularizer="capacity", capacity_max=50.0, learning_rate=3e-4, seed=7)
+    g2, _, tx2 = train.create(other, (8, 8, 1))
+    assert train.compile_fns(other, g2, tx2, vmapped=False, dataset_size=100) is fns
+    assert train.compile_fns(base, graphdef, tx, vmapped=True, dataset_size=100) is not fns
+    assert train.compile_fns(base, graphdef, tx, vmapped=False, dataset_size=101) is not fns
+    static = small_config(regularizer="capacity", eval_batch_size=50)
+    assert train.compile_fns(static, graphdef, tx, vmapped=False, dataset_size=100) is not fns
+    wider = small_config(regularizer="capacity", latent_dim=5)
+    g3, _, tx3 = train.create(wider, (8, 8, 1))
+    assert train.compile_fns(wider, g3, tx3, vmapped=False, dataset_size=100) is not fns
+    old = regularizers.REGISTRY["capacity"]
+    try:
+        regularizers.REGISTRY["capacity"] = dataclasses.replace(old, fn=lambda inp, hp, static: old.fn(inp, hp, static))
+        assert train.compile_fns(base, graphdef, tx, vmapped=False, dataset_size=100) is not fns
+    finally:
+        regularizers.REGISTRY["capacity"] = old
+    train.clear_compiled()
+    assert train.compile_fns(base, graphdef, tx, vmapped=False, dataset_size=100) is not fns

@@ -29,7 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vaekl import runs
+from vaekl import runs, user_modules
 from vaekl.checkpoints import CorruptCheckpoint
 
 EXIT_USER_ERROR = 2
@@ -115,8 +115,36 @@ def _explain_flag_error(argv: Sequence[str], e: BaseException) -> str:
     return one_line(e) if isinstance(e, flags.Error) else f"{type(e).__name__}: {one_line(e)}"
 
 
+def define_import_flag() -> flags.FlagHolder:
+    """``--import=MODULE`` (repeatable or comma-separated): user modules
+    (:mod:`vaekl.user_modules`) that :func:`parse_flags` imports before any other flag is
+    parsed, so that a config file and ``--config.FIELD`` overrides see what they register."""
+    if user_modules.FLAG in flags.FLAGS:  # a second entry point in one process (tests)
+        return flags.FlagHolder(flags.FLAGS, flags.FLAGS[user_modules.FLAG])
+    return flags.DEFINE_multi_string(user_modules.FLAG, [], user_modules.FLAG_HELP)
+
+
+def import_flag_values(argv: Sequence[str]) -> tuple[str, ...]:
+    """The module names of every ``--import=M`` / ``--import M`` in ``argv`` (before ``--``)."""
+    found: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg.startswith(f"--{user_modules.FLAG}="):
+            found.append(arg.split("=", 1)[1])
+        elif arg == f"--{user_modules.FLAG}" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+    return user_modules.names(found)
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, failing with one line instead of a traceback or a usage dump."""
+    """absl's flag parsing, failing with one line instead of a traceback or a usage dump.
+    With :func:`define_import_flag`, the ``--import`` modules are imported first."""
+    if user_modules.FLAG in flags.FLAGS:
+        try:
+            user_modules.import_all(import_flag_values(argv[1:]))
+        except user_modules.UserModuleError as e:
+            fail(one_line(e), argv)
     try:
         rest = flags.FLAGS(list(argv))
     except flags.Error as e:

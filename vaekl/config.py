@@ -11,7 +11,7 @@ import math
 
 import ml_collections
 
-from vaekl import data, disentanglement, kl_estimators, regularizers
+from vaekl import data, disentanglement, kl_estimators, regularizers, user_modules
 from vaekl.models.likelihoods import LIKELIHOODS
 from vaekl.models.priors import MIXTURES as MIXTURE_PRIORS
 from vaekl.models.priors import PRIORS
@@ -23,8 +23,13 @@ LR_SCHEDULES = ("constant", "cosine", "iwae")
 OBJECTIVES = ("elbo", "iwae")
 
 
-def defaults() -> ml_collections.ConfigDict:
+def defaults(imports: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Every field at its default. ``imports``: user modules (vaekl.user_modules) imported
+    first, so that the fields they declare are there, and recorded in ``imports``."""
+    imports = user_modules.import_all(imports)
     c = ml_collections.ConfigDict()
+    c.imports = imports           # user modules this run needs (regularizers, metrics, datasets
+    #                               defined outside vaekl), imported by every entry point
     # Data.
     c.dataset = "digits"          # digits | idx | npz | any TFDS name (mnist, fashion_mnist, ...)
     c.data_dir = ""               # TFDS data_dir, IDX directory or .npz path
@@ -161,7 +166,12 @@ def _mixture_prior(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad field; dataset existence is checked on load."""
+    """Raises ValueError naming the first bad field; dataset existence is checked on load.
+    The user modules in ``config.imports`` are imported first (their fields and entries count)."""
+    imports = config.get("imports", ())
+    if not isinstance(imports, tuple) or not all(isinstance(m, str) and m for m in imports):
+        raise ValueError(f"config.imports={imports!r} must be a tuple of module names")
+    user_modules.import_all(imports)
     known = defaults()
     unknown = set(config.keys()) - set(known.keys())
     if unknown:

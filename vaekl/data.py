@@ -14,6 +14,8 @@ source by name:
     ground-truth factors;
   * ``"dsprites_npz"``: the original ``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz``
     (path in ``data_dir``), with ground-truth factors;
+  * a name registered with :func:`register_source` (e.g. by a user module, see
+    :mod:`vaekl.user_modules`);
   * ``"tfds:NAME"`` or any other name: a TFDS dataset already prepared in
     ``data_dir`` in the ``array_record`` format, read through ``tfds`` data
     sources (TensorFlow is neither needed nor imported; nothing is downloaded).
@@ -56,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -79,11 +81,14 @@ __all__ = [
     "binarize_threshold",
     "ground_truth_dataset",
     "load",
+    "register_source",
     "sample_batch",
     "to_float",
 ]
 
 BUILTIN_SOURCES = ("digits", "idx", "npz")
+# Registered sources: name → loader(data_dir, test_fraction, seed) → Dataset (register_source).
+SOURCES: dict[str, Callable[[str | None, float, int], Dataset]] = {}
 GROUND_TRUTH_SOURCES = (*dsprites.VARIANTS, "dsprites_npz")
 FILELESS_SOURCES = ("digits", *dsprites.VARIANTS)  # built or rendered here: a data_dir is refused
 GT_EVAL_TRAIN = 2000  # fixed images in a ground-truth dataset's train_images (evaluation only)
@@ -205,6 +210,14 @@ class Dataset:
         return self.train_images, sample_batch
 
 
+def register_source(name: str, loader: Callable[[str | None, float, int], Dataset]) -> None:
+    """Makes ``config.dataset=name`` load ``loader(data_dir, test_fraction, seed)``, a
+    :class:`Dataset`; built-in names are refused."""
+    if name in BUILTIN_SOURCES or name in GROUND_TRUTH_SOURCES or name.startswith(_TFDS_PREFIX):
+        raise ValueError(f"dataset {name!r} is built in; register the source under another name")
+    SOURCES[name] = loader
+
+
 def load(
     name: str,
     data_dir: str | None = None,
@@ -235,6 +248,8 @@ def load(
       FileNotFoundError: the files or the prepared TFDS dataset are missing.
       ValueError: unknown name, or malformed data (names what and where).
     """
+    if name in SOURCES:
+        return SOURCES[name](data_dir, test_fraction, seed)
     if name == "digits":
         return _load_digits(test_fraction, seed)
     if name in ("idx", "npz"):

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vaekl import user_modules
+
 LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # The layout.
@@ -60,7 +62,7 @@ CHECKPOINT_CONFIG = "vaekl_config"  # the config's key in a checkpoint's custom 
 # Fields that may change between a run and its resumption (they do not change the model).
 RESUMABLE_CHANGES = ("num_steps", "eval_every", "log_every", "checkpoint_every",
                      "keep_checkpoints", "num_images", "steps_per_call", "metric_every",
-                     "metric_options", "metric_names")
+                     "metric_options", "metric_names", "imports")
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,14 +243,16 @@ def write_config(run_dir: str, config: Mapping) -> None:
 
 def read_config(run_dir: str):
     """A run's config.json over today's defaults (fields added since keep their defaults),
-    as an ml_collections.ConfigDict; JSON lists become tuples."""
+    as an ml_collections.ConfigDict; JSON lists become tuples. The user modules the run
+    recorded (``imports``) are imported first (vaekl.user_modules)."""
     from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top  (imports jax)
 
     path = os.path.join(run_dir, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir} is not a run directory (no {CONFIG})")
-    config = config_lib.defaults()
-    for k, v in read_config_json(run_dir).items():
+    saved = read_config_json(run_dir)
+    config = config_lib.defaults(tuple(saved.get("imports") or ()))
+    for k, v in saved.items():
         config[k] = tuple(v) if isinstance(v, list) else v
     return config
 
@@ -274,6 +278,17 @@ def read_config_json(run_dir: str) -> dict:
     raise ValueError(f"{path} is not a readable config ({problem}); checkpoint step {saved[0]} holds the run's "
                      f"config: delete {path} and run the training command again, which checks the command "
                      f"against it and rewrites the file")
+
+
+def import_recorded(run_dir: str) -> tuple[str, ...]:
+    """Imports the user modules recorded in a run's config.json (none if it has no readable
+    one); returns their names."""
+    try:
+        with open(os.path.join(run_dir, CONFIG)) as f:
+            recorded = json.load(f).get("imports") or ()
+    except (OSError, ValueError, AttributeError):
+        return ()
+    return user_modules.import_all(recorded)
 
 
 def write_meta(run_dir: str, meta: Mapping) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 
 from vaekl import config as config_lib
-from vaekl import runs
+from vaekl import runs, user_modules
 
 LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
@@ -340,6 +340,8 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
     import jax  # pylint: disable=g-import-not-at-top
     from vaekl import data, train  # pylint: disable=g-import-not-at-top
 
+    for c in configs:  # a Slurm task is a fresh process: the runs' user modules first
+        user_modules.import_all(c.get("imports"))
     configs = [ml_collections.ConfigDict(c) for c in configs]
     errors: list[str | None] = [check_run(c, w) for c, w in zip(configs, workdirs)]
     written, programs = [False] * len(configs), [None] * len(configs)

@@ -12,6 +12,7 @@ a sweep can ``jax.vmap`` them over many runs in one program.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 import dataclasses
 import functools
@@ -858,6 +859,45 @@ def compile_fns(config: ml_collections.ConfigDict, graphdef, tx, vmapped: bool =
     """
     if placement is not None and not vmapped:
         raise ValueError("compile_fns: a placement shards the run axis of a vmapped group")
+    key = _program_key(config, graphdef, vmapped, draw, dataset_size, placement, members)
+    if key is not None and key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    fns = _compile_fns(config, graphdef, tx, vmapped, draw, dataset_size, placement, members)
+    if key is not None:
+        _COMPILED[key] = fns
+        while len(_COMPILED) > COMPILED_CACHE_SIZE:
+            _COMPILED.popitem(last=False)
+    return fns
+
+
+# compile_fns' programs by what determines them (_program_key), most recently used last.
+_COMPILED: collections.OrderedDict[tuple, Compiled] = collections.OrderedDict()
+COMPILED_CACHE_SIZE = 8
+
+
+def clear_compiled() -> None:
+    """Forgets :func:`compile_fns`' programs (the next call compiles anew)."""
+    _COMPILED.clear()
+
+
+def _program_key(config, graphdef, vmapped, draw, dataset_size, placement, members=None) -> tuple | None:
+    """What fixes the programs of :func:`compile_fns` (None: not hashable, never cached): the
+    config outside the values passed as arguments (:func:`group_key`; ``tx`` is made from
+    it), the regularizer's registry entry, the model's graph, the batch source, the dataset
+    size and the placement. Equal keys give the same programs, so the jitted functions (and
+    the executables they keep per argument shape) are reused across calls."""
+    key = (group_key(config), regularizers.REGISTRY.get(config.regularizer), graphdef, vmapped, members, draw,
+           dataset_size, placement)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _compile_fns(config, graphdef, tx, vmapped, draw, dataset_size, placement, members=None) -> Compiled:
+    """:func:`compile_fns` without its cache."""
     if placement is not None and placement.data_axis > 1:
         draw = sharding.shard_batch(draw, placement.batch_sharding)
     spmd = sharding.RUNS if placement is not None else None
