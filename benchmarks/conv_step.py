@@ -76,15 +76,17 @@ def _median(fn, *args, n: int) -> float:
 
 def layer_times(n: int = 10, batch: int = 64) -> dict[str, dict[str, float]]:
     """{layer: {fwd, fwd_bwd, fwd_bwd_native}} seconds: the forward pass, and the gradient with
-    respect to input and kernel (as PyTorch's layer benchmark computes) on this backend's path
-    and on XLA's native convolutions."""
+    respect to input and kernel (as PyTorch's layer benchmark computes) for a random cotangent
+    (a constant one would let XLA fold work away), on this backend's path and on XLA's native
+    convolutions."""
     out = {}
     for name, side, c_in, c_out, transposed in LAYERS:
         x = jax.random.normal(jax.random.key(0), (batch, side, side, c_in))
         w = jax.random.normal(jax.random.key(1), (4, 4, c_in, c_out)) * 0.1
         op = conv_lib.conv_transpose if transposed else conv_lib.conv
         f = lambda x, w, impl="auto", op=op: op(x, w, 2, "SAME", impl=impl)  # noqa: E731
-        grad = lambda impl, f=f: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w, impl)), (0, 1)))  # noqa: E731
+        g = jax.random.normal(jax.random.key(2), f(x, w, "native").shape)
+        grad = lambda impl, f=f, g=g: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w, impl) * g), (0, 1)))  # noqa: E731
         out[name] = {"fwd": _median(jax.jit(f), x, w, n=n), "fwd_bwd": _median(grad("auto"), x, w, n=n),
                      "fwd_bwd_native": _median(grad("native"), x, w, n=n)}
     return out

@@ -196,9 +196,10 @@ def summarize(runs_dir: str, out_dir: str, name: str, extra: dict | None = None)
 def row_text(result: dict) -> str:
     """The 'ours' cell of a README row: best medians, informative or not, seed-vs-method verdict."""
     v = result["verdicts"]
-    parts = [f"{locatello_summary.TITLES.get(m, m)} MIG {p['median_mig_last']:.3f} at its "
-             f"{locatello_summary.STRENGTH_SYMBOL.get(result['records'][0]['strength_field'], '')}"
-             f"{p['best_strength']:g}" for m, p in v["per_method"].items()]
+    fields = {r["method"]: r["strength_field"] for r in result["records"]}
+    parts = [f"{locatello_summary.TITLES.get(m, m)} {p['median_mig_last']:.3f} (best at "
+             f"{locatello_summary.STRENGTH_SYMBOL.get(fields[m], fields[m])} = {p['best_strength']:g})"
+             for m, p in v["per_method"].items()]
     text = f"median MIG at step {result['last_step']:,}: " + ", ".join(parts)
     if v["informative"]:
         text += "; informative (a median MIG ≥ 0.1)"

@@ -27,16 +27,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from experiments.reproduce import locatello_summary
+from experiments.reproduce import locatello_curves, locatello_summary
 from vaekl import analysis
 
 _RUNS = flags.DEFINE_string("runs", "runs", "Directory holding the reproduction runs.")
 _OUT = flags.DEFINE_string("out", "docs/reproductions", "Where results and figures go.")
 _README = flags.DEFINE_string("readme", "README.md", "README to update ('' to skip).")
 _ONLY = flags.DEFINE_list("only", [], "Results to recompute (iwae, linear, rd, collapse, terms, "
-                          "locatello); the others are read from OUT/<name>.json. Default: all.")
+                          "locatello, locatello_slice, locatello_gpu); the others are read from OUT/<name>.json. Default: all.")
 _LOCATELLO = flags.DEFINE_string("locatello_runs", None, "The Locatello study's runs "
                                  "(default: RUNS/locatello_cpu).")
+_SLICE = flags.DEFINE_string("locatello_slice_runs", None, "The CPU slice's runs "
+                             "(experiments/reproduce/locatello_slice_cpu.sh; default: RUNS/locatello_slice).")
+SLICE_NAME = "locatello_slice_cpu"
+GPU_SLICE_NAME = "locatello_beta_tc_vae_gpu"  # written by experiments.reproduce.gpu_results
 
 START, END = "<!-- reproductions:start -->", "<!-- reproductions:end -->"
 
@@ -353,11 +357,36 @@ def table(results: dict) -> str:
                     f"`experiments.reproduce.summarize` | MNIST subset | (from the k sweep) | see kl_terms.png |")
     if results.get("locatello"):
         rows.append(locatello_summary.readme_row(results["locatello"]))
+    if results.get("locatello_slice"):
+        r = results["locatello_slice"]
+        timing = r.get("timing") or {}
+        minutes = f"{timing['train_seconds'] / 60:.0f} min on 2 cores" if timing.get("train_seconds") else "see json"
+        rows.append(f"| Locatello et al. 2019, along training (CPU slice) | MIG 0.45 β-TCVAE, 0.21 β-VAE at "
+                    f"300,000 steps (Lin et al. 2020's table) | {locatello_curves.row_text(r)} | "
+                    f"`bash experiments/reproduce/locatello_slice_cpu.sh` | dSprites rendered on the device | "
+                    f"{minutes} | {r['runs']} runs ({', '.join(r['methods'])}; seeds {r['seeds']}), "
+                    f"{r['last_step']:,} steps; curves in {SLICE_NAME}.png; sample sizes in the json |")
+    if results.get("locatello_gpu"):
+        r = results["locatello_gpu"]
+        rows.append(f"| Locatello et al. 2019, β-TCVAE slice on **{r.get('device', 'a GPU')}** | MIG 0.45 "
+                    f"β-TCVAE at 300,000 steps (Lin et al. 2020) | {locatello_curves.row_text(r)} | "
+                    f"`bash benchmarks/gpu/run.sh OUT` + `experiments.reproduce.gpu_results` | dSprites rendered "
+                    f"on the device | one time-budgeted call (benchmarks/gpu/run.sh) | {r['runs']} runs (6 β × "
+                    f"{len(r['seeds'])} seeds) in one vmapped program, {r['last_step']:,} steps; curves in "
+                    f"{GPU_SLICE_NAME}.png; device numbers in nvidia_h200_gpu.json |")
     return "\n".join(rows)
 
 
-def collect(runs: str, out: str, only: list[str] | None = None, locatello_runs: str | None = None
-            ) -> dict[str, dict | None]:
+def _slice(runs_dir: str, out: str) -> dict | None:
+    """The CPU slice's curves (locatello_curves), with RUNS/timing.txt's training time."""
+    if not os.path.isdir(runs_dir):
+        return None
+    timing = locatello_summary.read_timing(runs_dir)
+    return locatello_curves.summarize(runs_dir, out, SLICE_NAME, extra={"timing": timing})
+
+
+def collect(runs: str, out: str, only: list[str] | None = None, locatello_runs: str | None = None,
+            slice_runs: str | None = None) -> dict[str, dict | None]:
     """Each result, recomputed from its runs when ``only`` names it (or is empty) and its runs
     are there, else read back from OUT/<name>.json (None if neither)."""
     makers = {"iwae": ("iwae_vae", lambda: iwae(runs, out)), "linear": ("linear_vae", lambda: linear(runs, out)),
@@ -365,7 +394,9 @@ def collect(runs: str, out: str, only: list[str] | None = None, locatello_runs: 
               "collapse": ("collapse_vs_k", lambda: collapse(runs, out)),
               "terms": ("kl_terms", lambda: kl_terms(runs, out)),
               "locatello": (locatello_summary.NAME, lambda: locatello_summary.summarize(
-                  locatello_runs or os.path.join(runs, "locatello_cpu"), out))}
+                  locatello_runs or os.path.join(runs, "locatello_cpu"), out)),
+              "locatello_slice": (SLICE_NAME, lambda: _slice(slice_runs or os.path.join(runs, "locatello_slice"), out)),
+              "locatello_gpu": (GPU_SLICE_NAME, lambda: None)}  # made by gpu_results from the GPU's files
     unknown = sorted(set(only or ()) - set(makers))
     if unknown:
         raise ValueError(f"--only: unknown results {unknown}; choose from {sorted(makers)}")
@@ -381,7 +412,7 @@ def collect(runs: str, out: str, only: list[str] | None = None, locatello_runs: 
 def main(argv):
     del argv
     os.makedirs(_OUT.value, exist_ok=True)
-    results = collect(_RUNS.value, _OUT.value, _ONLY.value, _LOCATELLO.value)
+    results = collect(_RUNS.value, _OUT.value, _ONLY.value, _LOCATELLO.value, _SLICE.value)
     md = table(results)
     with open(os.path.join(_OUT.value, "table.md"), "w") as f:
         f.write(md + "\n")
