@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import ml_collections
 import pytest
@@ -133,12 +134,21 @@ def test_module_names_and_import_errors():
 
 
 def test_local_sweep_children_get_the_modules_as_flags():
-    from launch import sweep as launch_sweep  # pylint: disable=g-import-not-at-top
-
-    base = config_lib.defaults()
-    c = ml_collections.ConfigDict(base.to_dict())
-    c.imports = ("json",)
-    c.beta = 2.0
-    cmd = launch_sweep.train_command("cfg.py", base, launch_sweep.Run("b", c, {}, "/w/b"))
-    assert "--import=json" in cmd and "--config.beta=2.0" in cmd
-    assert not any(a.startswith("--config.imports") for a in cmd)
+    """(In a child process: launch.sweep is an absl main whose flags clash with other mains'.)"""
+    code = textwrap.dedent("""
+        import ml_collections
+        from launch import sweep as launch_sweep
+        from vaekl import config as config_lib
+        base = config_lib.defaults()
+        c = ml_collections.ConfigDict(base.to_dict())
+        c.imports = ("json",)
+        c.beta = 2.0
+        cmd = launch_sweep.train_command("cfg.py", base, launch_sweep.Run("b", c, {}, "/w/b"))
+        assert "--import=json" in cmd and "--config.beta=2.0" in cmd, cmd
+        assert not any(a.startswith("--config.imports") for a in cmd), cmd
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -1,8 +1,8 @@
 r"""Issue 21's reproduction rows from their run directories → ROW.json (and a one-line table).
 
-    python -m experiments.reproduce.closed_vs_mc --row=kl_estimators --runs=runs/kl_estimators
-    python -m experiments.reproduce.closed_vs_mc --row=priors --runs=runs/priors
-    python -m experiments.reproduce.closed_vs_mc --row=iwae_objective --runs=runs/iwae_objective
+    python -m experiments.reproduce.closed_vs_mc --row=kl_estimators --row_runs=runs/kl_estimators
+    python -m experiments.reproduce.closed_vs_mc --row=priors --row_runs=runs/priors
+    python -m experiments.reproduce.closed_vs_mc --row=iwae_objective --row_runs=runs/iwae_objective
 
 Each run is read from its config.json, eval.json (experiments.evaluate) and metrics.jsonl, and
 grouped by the row's field (kl_estimator, prior, iwae_k). Per group and metric: mean, sd, min,
@@ -26,10 +26,15 @@ import numpy as np
 ROWS = {"kl_estimators": "kl_estimator", "priors": "prior", "iwae_objective": "iwae_k"}
 METRICS = ("neg_elbo", "nll", "active_units", "steps_to_target")
 
-_ROW = flags.DEFINE_enum("row", None, list(ROWS), "Which row.")
-_RUNS = flags.DEFINE_string("runs", None, "The row's sweep directory.")
-_OUT = flags.DEFINE_string("out", "docs/reproductions", "Where closed_vs_mc_ROW.json goes.")
-_TARGET = flags.DEFINE_float("target", None, "The fixed test −ELBO (default: the worst run's final one).")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module is the main program (other absl
+    mains, e.g. summarize, define --out too, and tests import both)."""
+    flags.DEFINE_enum("row", None, list(ROWS), "Which row.")
+    flags.DEFINE_string("row_runs", None, "The row's sweep directory.")
+    flags.DEFINE_string("out", "docs/reproductions", "Where closed_vs_mc_ROW.json goes.")
+    flags.DEFINE_float("target", None, "The fixed test −ELBO (default: the worst run's final one).")
 
 
 def _read(run_dir: str) -> dict:
@@ -98,9 +103,10 @@ def table(result: dict) -> str:
 
 def main(argv):
     del argv
-    result = summarize(_RUNS.value, _ROW.value, _TARGET.value)
-    os.makedirs(_OUT.value, exist_ok=True)
-    path = os.path.join(_OUT.value, f"closed_vs_mc_{_ROW.value}.json")
+    fl = flags.FLAGS
+    result = summarize(fl.row_runs, fl.row, fl.target)
+    os.makedirs(fl.out, exist_ok=True)
+    path = os.path.join(fl.out, f"closed_vs_mc_{fl.row}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(table(result))
@@ -108,5 +114,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["row", "runs"])
+    define_flags()
+    flags.mark_flags_as_required(["row", "row_runs"])
     app.run(main)

@@ -9,7 +9,7 @@ the claims tested here):
     python -m launch.sweep --config=experiments/reproduce/mnist_iwae_objective.py \
         --sweep='iwae_k=1,5,50 seed=0,1' --workdir=runs/iwae_objective
     python -m experiments.evaluate --workdir=runs/iwae_objective --num_samples=5000
-    python -m experiments.reproduce.closed_vs_mc --row=iwae_objective --runs=runs/iwae_objective
+    python -m experiments.reproduce.closed_vs_mc --row=iwae_objective --row_runs=runs/iwae_objective
 
 k = 50 decodes 50 samples per image per step (in chunks of objectives.IWAE_CHUNK): about 50×
 the VAE's step time.

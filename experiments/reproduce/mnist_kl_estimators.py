@@ -10,7 +10,7 @@ the steps each run takes to reach a fixed test −ELBO (the worst run's final on
         --sweep='kl_estimator=analytic,mc,stl seed=0,1,2' --workdir=runs/kl_estimators
     python -m experiments.evaluate --workdir=runs/kl_estimators --num_samples=5000
     python -m experiments.gradient_variance --workdir=runs/kl_estimators/kl_estimator=analytic,seed=0
-    python -m experiments.reproduce.closed_vs_mc --row=kl_estimators --runs=runs/kl_estimators
+    python -m experiments.reproduce.closed_vs_mc --row=kl_estimators --row_runs=runs/kl_estimators
 
 (the gradient-variance curve over training needs the checkpoints: this config keeps 11).
 Data: $VAEKL_MNIST_NPZ or --config.data_dir (see experiments/reproduce/paths.py).
