@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import runpy
 import sys
 import time
 
@@ -27,19 +26,15 @@ def main() -> None:
     p.add_argument("--method", default="beta_vae")
     args = p.parse_args()
     import jax  # pylint: disable=g-import-not-at-top
-    from vaekl import data, objectives, train  # pylint: disable=g-import-not-at-top
+    from benchmarks import conv_step  # pylint: disable=g-import-not-at-top
+    from vaekl import objectives, train  # pylint: disable=g-import-not-at-top
 
-    config = runpy.run_path(os.path.join(REPO, "experiments/reproduce/locatello_dsprites.py"))["get_config"](
-        args.method)
-    ds, _ = train.prepare(config, data.load(config.dataset, None, test_fraction=config.test_fraction,
-                                            seed=config.data_seed))
-    graphdef, state, tx = train.create(config, ds.image_shape, ds.train_images)
-    arrays, draw = train.batch_source(ds)
-    hp = train.hyperparameters(config)
+    s = conv_step.setup(args.method)
+    config, state = s.config, s.state
     cfg = train.StepConfig(config.batch_size, train.step_binarization(config),
-                           objectives.Static.from_config(config, train.dataset_size(ds)), draw)
-    step = functools.partial(train.train_step, arrays=arrays, hp=hp, key=jax.random.key(0), latent_mask=None,
-                             graphdef=graphdef, tx=tx, cfg=cfg)
+                           objectives.Static.from_config(config, train.dataset_size(s.ds)), s.draw)
+    step = functools.partial(train.train_step, arrays=s.arrays, hp=train.hyperparameters(config),
+                             key=jax.random.key(0), latent_mask=None, graphdef=s.graphdef, tx=s.tx, cfg=cfg)
     body = lambda s, _: step(s)
     variants = {"train.scan (trainer)": jax.jit(lambda s: train.scan(body, s, None, length=1)[0]),
                 "lax.scan, one-trip loop": jax.jit(lambda s: jax.lax.scan(body, s, None, length=1, unroll=True)[0])}
