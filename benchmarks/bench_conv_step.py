@@ -1,5 +1,5 @@
 """Benchmark: one training step of the Locatello et al. conv VAE (64×64 dSprites, batch 64) as
-the trainer compiles it on the CPU (``train.scan``, no loop) against the same step inside
+the trainer compiles it on the CPU (``loops.scan``, no loop) against the same step inside
 ``lax.scan``'s one-trip while loop, seconds per step side by side in one run.
 
     python benchmarks/bench_conv_step.py [--repeats 5] [--method beta_vae]
@@ -27,7 +27,7 @@ def main() -> None:
     args = p.parse_args()
     import jax  # pylint: disable=g-import-not-at-top
     from benchmarks import conv_step  # pylint: disable=g-import-not-at-top
-    from vaekl import objectives, train  # pylint: disable=g-import-not-at-top
+    from vaekl import loops, objectives, train  # pylint: disable=g-import-not-at-top
 
     s = conv_step.setup(args.method)
     config, state = s.config, s.state
@@ -36,7 +36,7 @@ def main() -> None:
     step = functools.partial(train.train_step, arrays=s.arrays, hp=train.hyperparameters(config),
                              key=jax.random.key(0), latent_mask=None, graphdef=s.graphdef, tx=s.tx, cfg=cfg)
     body = lambda s, _: step(s)
-    variants = {"train.scan (trainer)": jax.jit(lambda s: train.scan(body, s, None, length=1)[0]),
+    variants = {"loops.scan (trainer)": jax.jit(lambda s: loops.scan(body, s, None, length=1)[0]),
                 "lax.scan, one-trip loop": jax.jit(lambda s: jax.lax.scan(body, s, None, length=1, unroll=True)[0])}
     times = {}
     for name, fn in variants.items():

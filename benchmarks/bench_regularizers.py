@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--runs", type=int, default=16)
     args = p.parse_args()
-    from vaekl.rundir import quiet_library_logs  # pylint: disable=g-import-not-at-top
+    from vaekl.cli import quiet_library_logs  # pylint: disable=g-import-not-at-top
     quiet_library_logs()
     from absl import logging  # pylint: disable=g-import-not-at-top
     logging.set_verbosity(logging.WARNING)

@@ -52,7 +52,7 @@ def measure(configs, devices, steps: int, repeats: int) -> tuple[float, dict[str
     graphdef, template, tx = train.create(big, ds.image_shape, ds.train_images)
     states = [train.pad_like(train.create(c, ds.image_shape, ds.train_images)[1], template) for c in configs]
     state = placement.put_runs(jax.tree.map(lambda *a: np.stack(a), *states))
-    hp = placement.put_runs(train._stack_hyperparameters(configs))  # pylint: disable=protected-access
+    hp = placement.put_runs(train.stack_hyperparameters(configs))  # pylint: disable=protected-access
     masks = placement.put_runs(np.asarray([np.arange(big.latent_dim) < c.latent_dim for c in configs], np.float32))
     keys = placement.put_runs(jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 2) for c in configs]))
     arrays, draw = train.batch_source(ds)

@@ -25,8 +25,7 @@ def setup(method: str = "beta_vae", **overrides) -> SimpleNamespace:
     config = runpy.run_path(LOCATELLO)["get_config"](method)
     for k, v in overrides.items():
         config[k] = v
-    ds, _ = train.prepare(config, data.load(config.dataset, None, test_fraction=config.test_fraction,
-                                            seed=config.data_seed))
+    ds, _ = train.prepare(config, data.for_config(config))
     graphdef, state, tx = train.create(config, ds.image_shape, ds.train_images)
     arrays, draw = train.batch_source(ds)
     return SimpleNamespace(config=config, ds=ds, graphdef=graphdef, state=state, tx=tx, arrays=arrays,

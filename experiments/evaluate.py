@@ -20,7 +20,7 @@ from absl import flags
 
 from vaekl import cli
 from vaekl import evaluate
-from vaekl import runs
+from vaekl import rundir, runs
 
 LOG = pylogging.getLogger("experiments.evaluate")  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
@@ -46,15 +46,8 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def run_dirs(workdir: str) -> list[str]:
-    """[workdir] if it is a run directory, else the run directories inside it."""
-    if not os.path.exists(workdir):
-        raise FileNotFoundError(f"{workdir} does not exist")
-    if not os.path.isdir(workdir):
-        raise NotADirectoryError(f"{workdir} is not a directory")
-    if os.path.exists(os.path.join(workdir, runs.CONFIG)):
-        return [workdir]
-    found = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
-                   if os.path.exists(os.path.join(workdir, d, runs.CONFIG)))
+    """[workdir] if it is a run directory, else the run directories inside it (vaekl.runs.find)."""
+    found = [r.path for r in runs.find(workdir)]
     if not found:
         raise app.UsageError(f"{workdir} is neither a run directory nor a sweep of runs")
     return found
@@ -66,9 +59,9 @@ def main(argv):
     cli.quiet_library_logs()
     todo = run_dirs(_WORKDIR.value)
     for run in todo:  # eval.json goes into each run directory
-        runs.check_writable(run)
+        rundir.check_writable(run)
     if _SKIP.value:
-        todo = [r for r in todo if not os.path.exists(os.path.join(r, runs.EVAL))]
+        todo = [r for r in todo if not os.path.exists(os.path.join(r, rundir.EVAL))]
     start = time.perf_counter()
     for i, run in enumerate(todo):
         r = evaluate.evaluate_run(run, _K.value, _CHUNK.value, _BATCH.value, _WHICH.value,

@@ -9,7 +9,7 @@ The user modules the runs recorded (config.imports) are imported first; --import
 from absl import app
 from absl import flags
 
-from vaekl import analysis, cli, report, runs
+from vaekl import analysis, cli, report, rundir, runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (one subdirectory per run), or a "
                                "run directory (with config.json).")
@@ -24,7 +24,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for run in analysis.run_dirs(_WORKDIR.value):
-        runs.import_recorded(run)
+        rundir.import_recorded(run)
     path = report.write_report(_WORKDIR.value, _TERM_RUNS.value, _FACTOR_RUNS.value)
     df = analysis.load_sweep(_WORKDIR.value)
     print(analysis.summary(df).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

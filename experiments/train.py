@@ -6,7 +6,7 @@ r"""Trains one VAE.
 A regularizer, metric or dataset defined outside vaekl comes from --import=MODULE (its
 directory on PYTHONPATH); the run records it in config.imports for evaluation and runs.load.
 Re-running the same command resumes from the latest checkpoint in --workdir. A --workdir
-that another process is writing is refused (vaekl.runs.RunLock); mistakes print one line
+that another process is writing is refused (vaekl.rundir.RunLock); mistakes print one line
 (vaekl.cli).
 """
 
@@ -19,7 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vaekl import cli
-from vaekl import runs
+from vaekl import rundir
 from vaekl import train
 from vaekl import user_modules
 
@@ -39,10 +39,10 @@ def main(argv):
     workdir = _WORKDIR.value
     config = _CONFIG.value
     config.imports = user_modules.merge(config.imports, _IMPORT.value)  # recorded in config.json
-    runs.check_writable(workdir)
+    rundir.check_writable(workdir)
     # An existing directory is locked now, so that a second writer is refused before any
     # work; a new one is created and locked by the trainer once the config and data check out.
-    lock = runs.RunLock(workdir) if os.path.isdir(workdir) else contextlib.nullcontext()
+    lock = rundir.RunLock(workdir) if os.path.isdir(workdir) else contextlib.nullcontext()
     with lock:
         rows = train.train_and_evaluate(config, workdir)
     for row in rows:

@@ -22,7 +22,7 @@ alone with its reason while the others train, and the table is printed whatever 
 run lands in WORKDIR/<run name>/ with the files of a standalone run.
 
 Two launches of one sweep may overlap: a run directory locked by another live process
-(vaekl.runs.RunLock) is left alone and waited for; once released, it is skipped if the
+(vaekl.rundir.RunLock) is left alone and waited for; once released, it is skipped if the
 other launch finished it, and trained otherwise. The local backend stops its children
 (SIGTERM, then waits) when the launcher gets SIGTERM or SIGINT, and shows each failed
 child's last error line. Mistakes in flags or the sweep print one line (vaekl.cli).
@@ -49,7 +49,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from vaekl import cli
-from vaekl import runs as runs_lib
+from vaekl import rundir
 from vaekl import sweep as sweep_lib
 from vaekl import user_modules
 
@@ -116,7 +116,7 @@ def _finish(run: Run, error: str | None) -> None:
     if error is None:
         run.outcome = "resumed" if run.before == "partial" else "completed"
         run.error = ""
-        row = runs_lib.final_rows(run.workdir, run.config.num_steps).get("test")
+        row = rundir.final_rows(run.workdir, run.config.num_steps).get("test")
         run.test_neg_elbo = row["neg_elbo"] if row else None
     else:
         run.outcome, run.error = "failed", error.strip().splitlines()[-1][:300] if error.strip() else "?"
@@ -124,7 +124,7 @@ def _finish(run: Run, error: str | None) -> None:
 
 def _locked_out(run: Run) -> bool:
     """Whether the run failed because another process held its directory."""
-    return run.outcome == "failed" and runs_lib.LOCKED_MARK in run.error
+    return run.outcome == "failed" and rundir.LOCKED_MARK in run.error
 
 
 def _retry(run: Run) -> bool:
@@ -146,7 +146,7 @@ def backend_vmap(runs: list[Run]) -> None:
 
         def on_program(members: list[int], program: dict, errors: list[str | None], last=attempt == _RETRIES.value):
             nonlocal done
-            done += sum(e is None or last or runs_lib.LOCKED_MARK in e for e in errors)
+            done += sum(e is None or last or rundir.LOCKED_MARK in e for e in errors)
             LOG.info("progress: %s; last program: %s", progress(done, len(runs), time.monotonic() - t0),
                      program_text(program))
 
@@ -386,7 +386,7 @@ def _held(runs: list[Run]) -> dict[str, dict]:
     """{run name: lock holder} of the runs whose directories another live process holds."""
     out = {}
     for r in runs:
-        holder = runs_lib.lock_holder(r.workdir)
+        holder = rundir.lock_holder(r.workdir)
         if holder is not None:
             out[r.name] = holder
     return out
@@ -401,7 +401,7 @@ def train_all(todo: list[Run], backend) -> None:
         held = _held(todo)
         if held:
             print(f"{len(held)} run(s) in use by other processes, trained last if still needed: " +
-                  "; ".join(f"{n} ({runs_lib.describe_holder(h)})" for n, h in held.items()),
+                  "; ".join(f"{n} ({rundir.describe_holder(h)})" for n, h in held.items()),
                   file=sys.stderr, flush=True)
         free = [r for r in todo if r.name not in held]
         waiting += [r for r in todo if r.name in held]
@@ -415,17 +415,17 @@ def train_all(todo: list[Run], backend) -> None:
         t0 = time.monotonic()
         while waiting and not todo:
             time.sleep(_POLL.value)
-            released = [r for r in waiting if runs_lib.lock_holder(r.workdir) is None]
+            released = [r for r in waiting if rundir.lock_holder(r.workdir) is None]
             waiting = [r for r in waiting if r not in released]
             for r in released:
                 broken = sweep_lib.check_run(r.config, r.workdir)
                 if broken is not None:
                     r.before, r.outcome, r.error = "broken", "failed", broken[:300]
                     continue
-                r.before = runs_lib.status(r.workdir, r.config)
+                r.before = rundir.status(r.workdir, r.config)
                 if r.before == "done":
                     r.outcome, r.error = "skipped", "finished by another launch"
-                    row = runs_lib.final_rows(r.workdir, r.config.num_steps).get("test")
+                    row = rundir.final_rows(r.workdir, r.config.num_steps).get("test")
                     r.test_neg_elbo = row["neg_elbo"] if row else None
                     print(f"{r.name}: released, finished by another launch (skipped)", file=sys.stderr, flush=True)
                 else:
@@ -457,14 +457,14 @@ def main(argv):
     _CONFIG.value.imports = user_modules.merge(_CONFIG.value.imports, _IMPORT.value)  # every run records them
     config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     spec = sweep_spec(_SWEEP.value, config_file, _CONFIG.value)
-    runs_lib.check_writable(_WORKDIR.value)
+    rundir.check_writable(_WORKDIR.value)
     runs = expand(_CONFIG.value, spec, _WORKDIR.value)
     for run in runs:
         broken = sweep_lib.check_run(run.config, run.workdir)
         if broken is not None:  # fails alone; the others train
             run.before, run.outcome, run.error = "broken", "failed", broken[:300]
             continue
-        run.before = runs_lib.status(run.workdir, run.config)
+        run.before = rundir.status(run.workdir, run.config)
         if run.before == "done":
             run.outcome = "skipped"
     todo = [r for r in runs if r.outcome == "pending"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vaekl import train
+from vaekl import loops, train
 from vaekl.models import conv as conv_lib
 from vaekl.models import networks
 
@@ -91,14 +91,14 @@ def test_run_map_sequential_equals_vmap():
     states = {"w": jax.random.normal(jax.random.key(0), (3, 4, 5))}
     shared = jax.random.normal(jax.random.key(1), (5,))
     hp = jnp.array([1.0, 2.0, 3.0])
-    a = jax.jit(train.run_map(f, (0, None, 0), "vmap"))(states, shared, hp)
-    b = jax.jit(train.run_map(f, (0, None, 0), "sequential"))(states, shared, hp)
+    a = jax.jit(loops.run_map(f, (0, None, 0), "vmap"))(states, shared, hp)
+    b = jax.jit(loops.run_map(f, (0, None, 0), "sequential"))(states, shared, hp)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="disagree on the run axis"):
-        train.run_map(f, (0, None, 0), "sequential")(states, shared, hp[:2])
+        loops.run_map(f, (0, None, 0), "sequential")(states, shared, hp[:2])
     with pytest.raises(ValueError, match="unknown member mode 'loop'"):
-        train.run_map(f, (0, None, 0), "loop")
+        loops.run_map(f, (0, None, 0), "loop")
 
 
 def test_conv_group_member_equals_standalone():
@@ -130,7 +130,7 @@ def test_conv_group_member_equals_standalone():
     masks = jnp.asarray([np.arange(5) < c.latent_dim for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 2) for c in configs])
     fns = train.compile_fns(big, graphdef, tx, vmapped=True, dataset_size=n, members="sequential")
-    hp = train._stack_hyperparameters(configs)  # pylint: disable=protected-access
+    hp = train.stack_hyperparameters(configs)  # pylint: disable=protected-access
     lowered = jax.jit(lambda s: fns.run_steps(s, images, hp, keys, masks, num_steps=2)).lower(stacked).as_text()
     assert "feature_group_count = 1" in lowered and "feature_group_count = 2" not in lowered
     got, got_m = fns.run_steps(stacked, images, hp, keys, masks, num_steps=2)

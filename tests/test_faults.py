@@ -43,7 +43,7 @@ import pytest
 
 from test_report import fake_run
 from test_runs import ENV, REPO, SMALL, tiny_config
-from vaekl import checkpoints, cli, report, runs, sweep, train
+from vaekl import checkpoints, cli, report, rundir, runs, sweep, train
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def train_sweep(root, configs, names, kill=None):
 
 
 def read_rows(run_dir):
-    return runs.MetricsLog(os.path.join(run_dir, runs.METRICS)).read()
+    return rundir.MetricsLog(os.path.join(run_dir, rundir.METRICS)).read()
 
 
 def event_steps(run_dir) -> dict[str, list[int]]:
@@ -84,7 +84,7 @@ def event_steps(run_dir) -> dict[str, list[int]]:
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
 
     out: dict[str, list[int]] = {}
-    for path in sorted(glob.glob(os.path.join(run_dir, runs.TENSORBOARD, "*tfevents*"))):
+    for path in sorted(glob.glob(os.path.join(run_dir, rundir.TENSORBOARD, "*tfevents*"))):
         data = open(path, "rb").read()
         pos = 0
         while pos + 12 <= len(data):  # TFRecord: length, its CRC, the record, its CRC
@@ -119,7 +119,7 @@ def test_group_killed_at_every_phase_resumes_exactly(uninterrupted, tmp_path, ki
         train_sweep(root, configs, names, kill)
     order = train.read_group_commit(os.path.join(root, names[0]))["members"]  # the program's runs
     assert sorted(order) == sorted(names)
-    steps = [runs.latest_checkpoint(os.path.join(root, n)) for n in order]
+    steps = [rundir.latest_checkpoint(os.path.join(root, n)) for n in order]
     committed = {train.read_group_commit(os.path.join(root, n))["step"] for n in names}
     phase, step, member = kill
     if phase == "member_saved":  # the members stand at different steps
@@ -141,16 +141,16 @@ def test_group_killed_at_every_phase_resumes_exactly(uninterrupted, tmp_path, ki
         tb = event_steps(killed)
         assert tb == event_steps(clean) and tb["test/neg_elbo"] == [0, 5, 10], tb.get("test/neg_elbo")
         assert train.read_group_commit(killed) == {"step": 10, "members": order}
-        assert len(os.listdir(os.path.join(killed, runs.CHECKPOINTS))) <= config.keep_checkpoints + 1
+        assert len(os.listdir(os.path.join(killed, rundir.CHECKPOINTS))) <= config.keep_checkpoints + 1
 
 
 def test_resume_prunes_checkpoints_beyond_keep(uninterrupted, tmp_path):
     """A kill right after the last save leaves more than keep_checkpoints; a relaunch prunes them."""
     names, configs = grid()
     root = str(tmp_path / "sweep")
-    shutil.copytree(uninterrupted, root, ignore=shutil.ignore_patterns(runs.LOCK))
+    shutil.copytree(uninterrupted, root, ignore=shutil.ignore_patterns(rundir.LOCK))
     run_dir = os.path.join(root, names[0])
-    ckpt = os.path.join(run_dir, runs.CHECKPOINTS)
+    ckpt = os.path.join(run_dir, rundir.CHECKPOINTS)
     shutil.copytree(os.path.join(ckpt, "10"), os.path.join(ckpt, "3"))  # an extra, older step
     assert "3" in os.listdir(ckpt)
     assert train_sweep(root, configs, names) == [None] * 4
@@ -181,8 +181,8 @@ def test_grouping_does_not_depend_on_free_memory(monkeypatch):
 
 
 def _truncate_checkpoints(run_dir):
-    for step in os.listdir(os.path.join(run_dir, runs.CHECKPOINTS)):
-        files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(run_dir, runs.CHECKPOINTS, step))
+    for step in os.listdir(os.path.join(run_dir, rundir.CHECKPOINTS)):
+        files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(run_dir, rundir.CHECKPOINTS, step))
                  for f in fs]
         big = max(files, key=os.path.getsize)
         with open(big, "r+b") as f:
@@ -192,20 +192,20 @@ def _truncate_checkpoints(run_dir):
 def test_broken_members_fail_alone_and_the_launcher_prints_its_table(uninterrupted, tmp_path):
     names, configs = grid()
     root = str(tmp_path / "sweep")
-    shutil.copytree(uninterrupted, root, ignore=shutil.ignore_patterns(runs.LOCK))
+    shutil.copytree(uninterrupted, root, ignore=shutil.ignore_patterns(rundir.LOCK))
     garbage, torn, truncated, good = (os.path.join(root, n) for n in names)
-    with open(os.path.join(garbage, runs.CONFIG), "w") as f:
+    with open(os.path.join(garbage, rundir.CONFIG), "w") as f:
         f.write("{not json")
-    lines = open(os.path.join(torn, runs.METRICS)).read().splitlines(keepends=True)
-    with open(os.path.join(torn, runs.METRICS), "w") as f:  # a torn line that is not the last
+    lines = open(os.path.join(torn, rundir.METRICS)).read().splitlines(keepends=True)
+    with open(os.path.join(torn, rundir.METRICS), "w") as f:  # a torn line that is not the last
         f.write("".join(lines[:2]) + lines[2][: len(lines[2]) // 2] + "\n" + "".join(lines[3:]))
     _truncate_checkpoints(truncated)
     longer = [sweep.apply(c, {"num_steps": 15}) for c in configs]
     errors = train_sweep(root, longer, names)
     assert errors[3] is None, errors  # the good one trains on ...
-    assert runs.latest_checkpoint(good) == 15 and max(r["step"] for r in read_rows(good)) == 15
-    assert garbage in errors[0] and runs.CONFIG in errors[0]  # ... the others fail, saying why
-    assert f"{torn}/{runs.METRICS}, line 3: invalid metrics row" in errors[1], errors[1]
+    assert rundir.latest_checkpoint(good) == 15 and max(r["step"] for r in read_rows(good)) == 15
+    assert garbage in errors[0] and rundir.CONFIG in errors[0]  # ... the others fail, saying why
+    assert f"{torn}/{rundir.METRICS}, line 3: invalid metrics row" in errors[1], errors[1]
     assert "unusable" in errors[2] and truncated in errors[2], errors[2]
     assert all(e.count("\n") == 0 for e in errors[:3])
     assert max(r["step"] for r in read_rows(truncated)) == 10  # nothing of it was cut or rewritten
@@ -224,7 +224,7 @@ def test_broken_members_fail_alone_and_the_launcher_prints_its_table(uninterrupt
     assert out.returncode == 1, out.stderr[-3000:]
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("beta=")}
     assert set(rows) == {names[0], names[1]}, out.stdout
-    assert "broken" in rows[names[0]] and "failed" in rows[names[0]] and runs.CONFIG in rows[names[0]]
+    assert "broken" in rows[names[0]] and "failed" in rows[names[0]] and rundir.CONFIG in rows[names[0]]
     assert "invalid metrics row" in rows[names[1]] and "0 completed, 0 resumed, 0 skipped, 2 failed" in out.stdout
 
 
@@ -235,7 +235,7 @@ def test_broken_members_fail_alone_and_the_launcher_prints_its_table(uninterrupt
 def test_orbax_save_failure_exits_within_seconds_with_one_line(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / runs.CHECKPOINTS).write_text("a file where the checkpoints go")
+    (workdir / rundir.CHECKPOINTS).write_text("a file where the checkpoints go")
     err_path = tmp_path / "err"
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *SMALL, "--config.num_steps=20",
@@ -252,7 +252,7 @@ def test_orbax_save_failure_exits_within_seconds_with_one_line(tmp_path):
             proc.kill()
             proc.wait()
     last = err_path.read_text().strip().splitlines()[-1]
-    assert rc == cli.EXIT_USER_ERROR and last.startswith("error: ") and runs.CHECKPOINTS in last
+    assert rc == cli.EXIT_USER_ERROR and last.startswith("error: ") and rundir.CHECKPOINTS in last
     # orbax logs its failed thread's exception itself (a log record); the command's own
     # traceback is not printed.
     assert "experiments/train.py" not in err_path.read_text()

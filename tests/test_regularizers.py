@@ -140,7 +140,7 @@ def test_vmapped_member_with_other_k_and_strengths_equals_standalone(name):
     masks = jnp.asarray([np.arange(6) < c.latent_dim for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 2) for c in configs])
     fns = train.compile_fns(big, graphdef, tx, vmapped=True, dataset_size=n)
-    new, metrics = fns.run_steps(stacked, images, train._stack_hyperparameters(configs), keys, masks,
+    new, metrics = fns.run_steps(stacked, images, train.stack_hyperparameters(configs), keys, masks,
                                  num_steps=3)
     for i, (init, want, want_metrics) in enumerate(standalone):
         got = train.slice_like(jax.tree.map(lambda a: a[i], new), init)

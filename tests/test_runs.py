@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from vaekl import checkpoints, cli, runs, sweep, train
+from vaekl import checkpoints, cli, rundir, runs, sweep, train
 from vaekl import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,14 +49,14 @@ def trained(tmp_path_factory):
     tests copy it to change it."""
     run_dir = str(tmp_path_factory.mktemp("trained") / "run")
     train.train_and_evaluate(tiny_config(**TRAINED), run_dir)
-    if not os.path.exists(os.path.join(run_dir, runs.META)):  # until the trainer writes it
-        runs.write_meta(run_dir, {"image_shape": [8, 8, 1], "train_size": 1437, **runs.provenance()})
+    if not os.path.exists(os.path.join(run_dir, rundir.META)):  # until the trainer writes it
+        rundir.write_meta(run_dir, {"image_shape": [8, 8, 1], "train_size": 1437, **rundir.provenance()})
     return run_dir
 
 
 def copy_run(trained, tmp_path, name="run"):
     dst = str(tmp_path / name)
-    shutil.copytree(trained, dst, ignore=shutil.ignore_patterns(runs.LOCK))
+    shutil.copytree(trained, dst, ignore=shutil.ignore_patterns(rundir.LOCK))
     return dst
 
 
@@ -92,37 +92,37 @@ def test_load_restores_the_checkpoint_without_the_training_set(trained, monkeypa
     valid = run.metrics[run.metrics.split == "valid"].set_index("step").neg_elbo
     assert sorted(valid.index) == [0, 10, 20]
     assert runs.load(trained, "best").step == int(valid.idxmin())
-    assert json.load(open(os.path.join(trained, runs.META)))["train_size"] == 1438 - 200  # digits: 1797 images, 20 % test
+    assert json.load(open(os.path.join(trained, rundir.META)))["train_size"] == 1438 - 200  # digits: 1797 images, 20 % test
     with pytest.raises(ValueError, match=r"no checkpoint at step 7 .*\[0, 10, 20\]"):
         runs.load(trained, 7)
 
 
 def test_load_without_meta_falls_back_to_the_dataset(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
-    os.remove(os.path.join(run_dir, runs.META))
-    assert runs.read_meta(run_dir) == {}
-    assert runs.image_shape(run_dir) == (8, 8, 1)
+    os.remove(os.path.join(run_dir, rundir.META))
+    assert rundir.read_meta(run_dir) == {}
+    assert runs.Run(run_dir).image_shape() == (8, 8, 1)
     assert runs.load(run_dir, "latest").step == 20
 
 
 def test_status_config_and_meta(trained, tmp_path):
-    assert runs.status(trained, tiny_config()) == "done"
-    assert runs.status(trained, tiny_config(num_steps=40)) == "partial"
-    assert runs.status(str(tmp_path / "nothing"), tiny_config()) == "new"
-    assert runs.latest_checkpoint(trained) == 20
-    assert sweep.status is runs.status and sweep.latest_checkpoint is runs.latest_checkpoint
-    meta = runs.read_meta(trained)
+    assert rundir.status(trained, tiny_config()) == "done"
+    assert rundir.status(trained, tiny_config(num_steps=40)) == "partial"
+    assert rundir.status(str(tmp_path / "nothing"), tiny_config()) == "new"
+    assert rundir.latest_checkpoint(trained) == 20
+    assert sweep.status is rundir.status and sweep.latest_checkpoint is rundir.latest_checkpoint
+    meta = rundir.read_meta(trained)
     assert meta["image_shape"] == [8, 8, 1] and "command" in meta
     # read_config: today's defaults under the saved fields, lists back to tuples.
     run_dir = copy_run(trained, tmp_path)
-    with open(os.path.join(run_dir, runs.CONFIG)) as f:
+    with open(os.path.join(run_dir, rundir.CONFIG)) as f:
         saved = json.load(f)
     del saved["adam_eps"]
-    runs.atomic_write(os.path.join(run_dir, runs.CONFIG), json.dumps(saved))
-    config = runs.read_config(run_dir)
+    rundir.atomic_write(os.path.join(run_dir, rundir.CONFIG), json.dumps(saved))
+    config = rundir.read_config(run_dir)
     assert config.adam_eps == config_lib.defaults().adam_eps and config.decoder_hidden == (16,)
     with pytest.raises(FileNotFoundError, match="not a run directory"):
-        runs.read_config(str(tmp_path))
+        rundir.read_config(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------
@@ -130,8 +130,8 @@ def test_status_config_and_meta(trained, tmp_path):
 
 
 def test_metrics_log_whole_lines_and_torn_last_line(tmp_path, monkeypatch, caplog):
-    path = str(tmp_path / runs.METRICS)
-    log = runs.MetricsLog(path)
+    path = str(tmp_path / rundir.METRICS)
+    log = rundir.MetricsLog(path)
     writes, real_write = [], os.write
     monkeypatch.setattr(os, "write", lambda fd, b: writes.append(len(b)) or real_write(fd, b))
     log.append([{"step": s, "split": "test", "v": np.float32(s / 2)} for s in range(3)])
@@ -165,7 +165,7 @@ def test_metrics_log_whole_lines_and_torn_last_line(tmp_path, monkeypatch, caplo
 # ---------------------------------------------------------------------------
 # The lock, with real processes.
 
-HOLD = ("import sys; from vaekl import runs; lock = runs.RunLock(sys.argv[1]).acquire(); "
+HOLD = ("import sys; from vaekl import runs; lock = rundir.RunLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); sys.stdin.readline()")
 
 
@@ -182,23 +182,23 @@ def test_lock_held_by_another_process_and_sigkill_leaves_no_stale_lock(tmp_path)
     os.makedirs(run_dir)
     holder = hold(run_dir)
     try:
-        with pytest.raises(runs.RunLocked, match=rf"in use by pid {holder.pid} on .*HOLDER-TAG"):
-            runs.RunLock(run_dir, grace=0.1).acquire()
-        info = runs.lock_holder(run_dir)
+        with pytest.raises(rundir.RunLocked, match=rf"in use by pid {holder.pid} on .*HOLDER-TAG"):
+            rundir.RunLock(run_dir, grace=0.1).acquire()
+        info = rundir.lock_holder(run_dir)
         assert info["pid"] == holder.pid and "HOLDER-TAG" in info["command"]
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    assert runs.lock_holder(run_dir) is None  # the kernel dropped the lock with the process
-    with runs.RunLock(run_dir, grace=0.0) as lock:
-        assert lock.held and runs.lock_holder(run_dir)["pid"] == os.getpid()
-        with runs.RunLock(run_dir, grace=0.0):  # re-entrant within a process
+    assert rundir.lock_holder(run_dir) is None  # the kernel dropped the lock with the process
+    with rundir.RunLock(run_dir, grace=0.0) as lock:
+        assert lock.held and rundir.lock_holder(run_dir)["pid"] == os.getpid()
+        with rundir.RunLock(run_dir, grace=0.0):  # re-entrant within a process
             pass
-        assert runs.lock_holder(run_dir)["pid"] == os.getpid()  # the outer one still holds it
+        assert rundir.lock_holder(run_dir)["pid"] == os.getpid()  # the outer one still holds it
         other = subprocess.run([sys.executable, "-c", HOLD, run_dir], cwd=REPO, env=ENV, text=True,
                                capture_output=True, input="")
         assert other.returncode != 0 and f"in use by pid {os.getpid()}" in other.stderr
-    assert runs.lock_holder(run_dir) is None
+    assert rundir.lock_holder(run_dir) is None
     holder = hold(run_dir)  # released: another process can take it
     holder.stdin.close()
     assert holder.wait() == 0
@@ -246,7 +246,7 @@ def test_empty_or_all_damaged_checkpoints(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     ckpt = os.path.join(run_dir, "checkpoints")
     os.makedirs(os.path.join(ckpt, "999"))
-    assert runs.latest_checkpoint(run_dir) == 20  # an uncommitted step does not count
+    assert rundir.latest_checkpoint(run_dir) == 20  # an uncommitted step does not count
     like = like_state()
     mgr = checkpoints.manager(run_dir, 3)
     step, state = checkpoints.restore_latest_good(mgr, like)
@@ -266,36 +266,36 @@ def test_empty_or_all_damaged_checkpoints(trained, tmp_path):
 
 
 def test_checkpoint_config_refuses_another_run_without_config_json(trained, tmp_path):
-    assert runs.checkpoint_config(trained) == (20, runs.jsonable_config(tiny_config(**TRAINED).to_dict()))
+    assert rundir.checkpoint_config(trained) == (20, rundir.jsonable_config(tiny_config(**TRAINED).to_dict()))
     run_dir = copy_run(trained, tmp_path)
-    os.remove(os.path.join(run_dir, runs.CONFIG))
-    metrics = open(os.path.join(run_dir, runs.METRICS)).read()
+    os.remove(os.path.join(run_dir, rundir.CONFIG))
+    metrics = open(os.path.join(run_dir, rundir.METRICS)).read()
     with pytest.raises(ValueError, match=r"checkpoint step 20 has a different config \(beta: 1.0 → 2.0\); "
                                          r"use a new --workdir") as e:
         train.train_and_evaluate(tiny_config(**TRAINED, beta=2.0), run_dir)
     assert "\n" not in str(e.value)
-    assert not os.path.exists(os.path.join(run_dir, runs.CONFIG))  # refused before writing anything
-    assert open(os.path.join(run_dir, runs.METRICS)).read() == metrics
+    assert not os.path.exists(os.path.join(run_dir, rundir.CONFIG))  # refused before writing anything
+    assert open(os.path.join(run_dir, rundir.METRICS)).read() == metrics
     # Changes that keep the run (RESUMABLE_CHANGES) are allowed; the same config resumes.
-    runs.check_config(run_dir, tiny_config(**TRAINED, eval_every=5, keep_checkpoints=4).to_dict())
+    rundir.check_config(run_dir, tiny_config(**TRAINED, eval_every=5, keep_checkpoints=4).to_dict())
     rows = train.train_and_evaluate(tiny_config(**TRAINED), run_dir)
-    assert {r["split"] for r in rows} == {"train", "valid", "test"} and runs.read_config(run_dir).beta == 1.0
+    assert {r["split"] for r in rows} == {"train", "valid", "test"} and rundir.read_config(run_dir).beta == 1.0
 
 
 def test_checkpoints_without_metrics_are_refused(trained, tmp_path):
     for damage in ("missing", "empty"):
         run_dir = copy_run(trained, tmp_path, damage)
-        path = os.path.join(run_dir, runs.METRICS)
+        path = os.path.join(run_dir, rundir.METRICS)
         os.remove(path) if damage == "missing" else open(path, "w").close()
-        steps = sorted(os.listdir(os.path.join(run_dir, runs.CHECKPOINTS)))
+        steps = sorted(os.listdir(os.path.join(run_dir, rundir.CHECKPOINTS)))
         with pytest.raises(ValueError, match=rf"checkpoints up to step 20 but its metrics.jsonl is {damage}.*"
                                              rf"restore metrics.jsonl, or move .*checkpoints aside") as e:
             train.train_and_evaluate(tiny_config(**TRAINED), run_dir)
         assert "\n" not in str(e.value)
-        assert sorted(os.listdir(os.path.join(run_dir, runs.CHECKPOINTS))) == steps  # nothing touched
+        assert sorted(os.listdir(os.path.join(run_dir, rundir.CHECKPOINTS))) == steps  # nothing touched
         assert os.path.exists(path) == (damage == "empty")
         with pytest.raises(ValueError, match=f"is {damage}"):  # what the launcher checks first
-            runs.check_config(run_dir, tiny_config(**TRAINED).to_dict())
+            rundir.check_config(run_dir, tiny_config(**TRAINED).to_dict())
 
 
 # ---------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_cli_user_errors_are_one_line(tmp_path, trained):
     assert f"in use by pid {holder.pid}" in out["held"][2]
     assert "beta=1 and beta=1.0 are the same run" in out["duplicate"][2]
     assert not any(os.path.exists(tmp_path / d) for d in ("r1", "r2", "s"))
-    assert runs.status(held, tiny_config()) == "done"  # untouched
+    assert rundir.status(held, tiny_config()) == "done"  # untouched
 
 
 # ---------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def test_launcher_waits_for_runs_held_by_another_process(tmp_path):
         "from vaekl import runs, train, config as config_lib\n"
         "d3, d4 = sys.argv[1], sys.argv[2]\n"
         "os.makedirs(d3); os.makedirs(d4)\n"
-        "l3, l4 = runs.RunLock(d3).acquire(), runs.RunLock(d4).acquire()\n"
+        "l3, l4 = rundir.RunLock(d3).acquire(), rundir.RunLock(d4).acquire()\n"
         "print('locked', flush=True)\n"
         "sys.stdin.readline()\n"
         "l4.release()\n"
@@ -413,7 +413,7 @@ def test_launcher_waits_for_runs_held_by_another_process(tmp_path):
     assert rows["latent_dim=3"].split()[2] == "skipped" and "finished by another launch" in rows["latent_dim=3"], \
         f"{stdout}\nlauncher:\n{log}\nholder:\n{holder_log}"
     for d in (d3, d4):
-        assert runs.status(d, config) == "done"
+        assert rundir.status(d, config) == "done"
 
 
 def test_local_launcher_shows_child_errors_and_stops_children_on_sigterm(tmp_path):

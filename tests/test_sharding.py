@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vaekl import checkpoints, runs, sharding, sweep
+from vaekl import checkpoints, rundir, runs, sharding, sweep
 from vaekl import config as config_lib
 
 from test_sweep import REPO, table_rows
@@ -179,7 +179,7 @@ def test_process_local_checkpoints(tmp_path):
     """The format each process of a jax.distributed job writes, forced here in one process."""
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
-    runs.write_config(run_dir, {"beta": 2.0})
+    rundir.write_config(run_dir, {"beta": 2.0})
     states = {s: {"w": np.full((2, 3), s, np.float32), "b": jnp.arange(3.0) + s, "step": np.int32(s)}
               for s in (0, 10, 20, 30)}
     # A run begun with orbax (one process) goes on in the process-local format.
@@ -194,7 +194,7 @@ def test_process_local_checkpoints(tmp_path):
     assert mgr.all_steps() == [10, 20] and mgr.best_step() == 10  # the latest 1 and the best
     ckpt = os.path.join(run_dir, "checkpoints")
     assert sorted(os.listdir(f"{ckpt}/20")) == ["_CHECKPOINT_METADATA", checkpoints.LOCAL_STATE]
-    assert runs.latest_checkpoint(run_dir) == 20 and runs.checkpoint_config(run_dir) == (20, {"beta": 2.0})
+    assert rundir.latest_checkpoint(run_dir) == 20 and rundir.checkpoint_config(run_dir) == (20, {"beta": 2.0})
     reader = checkpoints.manager(run_dir, keep=1, read_only=True)  # its marker says which format
     assert isinstance(reader, checkpoints.LocalManager)
     step, got = checkpoints.restore_step(reader, "best", states[0])
@@ -214,7 +214,7 @@ def test_process_local_checkpoints(tmp_path):
     assert step == 10 and os.path.isdir(f"{ckpt}/20.corrupt")
     # A save cut short leaves only its temporary directory, which the next writer removes.
     os.makedirs(f"{ckpt}/30.vaekl-tmp1")
-    assert runs.latest_checkpoint(run_dir) == 10
+    assert rundir.latest_checkpoint(run_dir) == 10
     mgr = checkpoints.manager(run_dir, keep=1)
     assert isinstance(mgr, checkpoints.LocalManager) and "30.vaekl-tmp1" not in os.listdir(ckpt)
     checkpoints.save(mgr, 30, states[30], None)

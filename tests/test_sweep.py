@@ -125,7 +125,7 @@ def test_vmapped_member_step_equals_standalone_step(posterior, prior):
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *[train.pad_like(s, template) for s, _, _ in standalone])
     masks = jnp.asarray([np.arange(8) < c.latent_dim for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 2) for c in configs])
-    hp = train._stack_hyperparameters(configs)
+    hp = train.stack_hyperparameters(configs)
     fns = train.compile_fns(big, graphdef, tx, vmapped=True)
     new, metrics = fns.run_steps(stacked, images, hp, keys, masks, num_steps=3)
     for i, (init, want, want_metrics) in enumerate(standalone):
@@ -156,7 +156,7 @@ def test_vmapped_evaluation_equals_standalone():
     masks = jnp.asarray([np.arange(6) < c.latent_dim for c in configs], jnp.float32)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
     ev = train.compile_fns(big, graphdef, tx, dataset_size=1000).evaluate(
-        stacked, test, train._stack_hyperparameters(configs), jnp.int32(0), keys, masks)
+        stacked, test, train.stack_hyperparameters(configs), jnp.int32(0), keys, masks)
     for i, (c, single) in enumerate(zip(configs, singles)):
         for name in ("neg_elbo", "recon", "kl", "kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim",
                      "loss", "index_code_mi", "total_correlation", "dimwise_kl"):

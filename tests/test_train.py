@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vaekl import checkpoints, data, train
+from vaekl import checkpoints, data, loops, train
 from vaekl import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,7 +249,7 @@ def test_evaluations_use_one_fixed_binarization_and_a_validation_split(tmp_path)
 
 @pytest.mark.parametrize("length", [1, 3])
 def test_unrolled_scan_equals_scan_and_leaves_no_loop(length):
-    """train.scan(unroll=True) is lax.scan written out: same carry and stacked outputs, and no while
+    """loops.scan(unroll=True) is lax.scan written out: same carry and stacked outputs, and no while
     loop in the compiled program even for one step (lax.scan keeps a one-trip loop, inside
     which XLA:CPU ran the conv VAE's step ~20× slower)."""
     def f(c, x):
@@ -257,8 +257,8 @@ def test_unrolled_scan_equals_scan_and_leaves_no_loop(length):
 
     xs = np.arange(length, dtype=np.float32) + 1
     want = jax.lax.scan(f, np.float32(2), xs)
-    got = train.scan(f, np.float32(2), xs, unroll=True)
+    got = loops.scan(f, np.float32(2), xs, unroll=True)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
-    hlo = jax.jit(lambda c, x: train.scan(f, c, x, unroll=True)).lower(np.float32(2), xs).compile().as_text()
+    hlo = jax.jit(lambda c, x: loops.scan(f, c, x, unroll=True)).lower(np.float32(2), xs).compile().as_text()
     assert "while" not in hlo
     assert "while" in jax.jit(lambda c, x: jax.lax.scan(f, c, x)).lower(np.float32(2), xs).compile().as_text()

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vaekl import cli, data, estimators, regularizers, runs, sweep, train
+from vaekl import cli, data, estimators, regularizers, rundir, sweep, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,13 +98,13 @@ def sweep_dirs(tmp_path_factory):
 def copies(dirs, tmp_path):
     out = [str(tmp_path / os.path.basename(d)) for d in dirs]
     for d, o in zip(dirs, out):
-        shutil.copytree(d, o, ignore=shutil.ignore_patterns(runs.LOCK))
+        shutil.copytree(d, o, ignore=shutil.ignore_patterns(rundir.LOCK))
     return out
 
 
 def tear_last_line(run_dir) -> int:
     """Cuts metrics.jsonl's last line in half (outside damage); returns that row's step."""
-    path = os.path.join(run_dir, runs.METRICS)
+    path = os.path.join(run_dir, rundir.METRICS)
     text = open(path).read()
     head, last = text[:-1].rsplit("\n", 1)
     open(path, "w").write(head + "\n" + last[:len(last) // 2])
@@ -115,7 +115,7 @@ def tear_last_line(run_dir) -> int:
 def test_torn_row_the_checkpoint_covers_fails_its_run_alone(sweep_dirs, tmp_path):
     configs, dirs = sweep_dirs
     torn, whole = copies(dirs, tmp_path)
-    assert tear_last_line(torn) == 4 == runs.latest_checkpoint(torn)
+    assert tear_last_line(torn) == 4 == rundir.latest_checkpoint(torn)
     with pytest.raises(ValueError, match=r"metrics.jsonl: its last line is torn, a row of step 4 .* "
                                          r"checkpoint step 4, losing that row for good; restore"):
         train.train_and_evaluate(configs[0], torn)
@@ -125,17 +125,17 @@ def test_torn_row_the_checkpoint_covers_fails_its_run_alone(sweep_dirs, tmp_path
     errors = sweep.run_groups([c.to_dict() for c in configs], [torn, whole])
     assert "its last line is torn" in errors[0] and errors[1] is None
     # A torn row after the checkpoint (a crash before saving) is recomputed: no error.
-    runs.MetricsLog(os.path.join(whole, runs.METRICS)).truncate(2)
-    with open(os.path.join(whole, runs.METRICS), "a") as f:
+    rundir.MetricsLog(os.path.join(whole, rundir.METRICS)).truncate(2)
+    with open(os.path.join(whole, rundir.METRICS), "a") as f:
         f.write('{"step": 5, "split": "tr')
-    runs.check_torn_row(whole, 4)
+    rundir.check_torn_row(whole, 4)
     with pytest.raises(ValueError, match="step is unreadable"):
-        runs.check_torn_row(_with_last(whole, '{"st'), 4)
+        rundir.check_torn_row(_with_last(whole, '{"st'), 4)
 
 
 def _with_last(run_dir, fragment):
-    runs.MetricsLog(os.path.join(run_dir, runs.METRICS)).truncate(2)
-    with open(os.path.join(run_dir, runs.METRICS), "a") as f:
+    rundir.MetricsLog(os.path.join(run_dir, rundir.METRICS)).truncate(2)
+    with open(os.path.join(run_dir, rundir.METRICS), "a") as f:
         f.write(fragment)
     return run_dir
 
@@ -145,27 +145,27 @@ def _with_last(run_dir, fragment):
 def test_garbage_config_json_names_the_file_and_the_remedy_which_works(sweep_dirs, tmp_path, garbage):
     configs, dirs = sweep_dirs
     (run,) = copies(dirs[:1], tmp_path)
-    path = os.path.join(run, runs.CONFIG)
+    path = os.path.join(run, rundir.CONFIG)
     want = open(path).read()
     with open(path, "w", encoding="latin-1") as f:
         f.write(garbage)
-    for fail in (lambda: runs.read_config(run), lambda: train.train_and_evaluate(configs[0], run)):
+    for fail in (lambda: rundir.read_config(run), lambda: train.train_and_evaluate(configs[0], run)):
         with pytest.raises(ValueError) as e:
             fail()
         message = cli.one_line(e.value)
         assert message == str(e.value) and message.startswith(f"{path} is not a readable config (")
         assert message.endswith(f"checkpoint step 4 holds the run's config: delete {path} and run the training "
                                 f"command again, which checks the command against it and rewrites the file")
-    assert runs.CONFIG in sweep.check_run(configs[0], run)  # a sweep member fails alone, saying so
+    assert rundir.CONFIG in sweep.check_run(configs[0], run)  # a sweep member fails alone, saying so
     os.remove(path)  # the remedy
     with pytest.raises(ValueError, match="different config"):  # still checked against the checkpoint
         train.train_and_evaluate(tiny(beta=3.0), run)
     train.train_and_evaluate(configs[0], run)
     assert json.load(open(path)) == json.loads(want)
-    shutil.rmtree(os.path.join(run, runs.CHECKPOINTS))  # without checkpoints: restore or start afresh
+    shutil.rmtree(os.path.join(run, rundir.CHECKPOINTS))  # without checkpoints: restore or start afresh
     open(path, "w").write(garbage)
     with pytest.raises(ValueError, match=r"no checkpoint of the run holds its config; restore the file"):
-        runs.read_config(run)
+        rundir.read_config(run)
 
 
 @pytest.mark.slow
@@ -179,7 +179,7 @@ def test_oversized_batch_is_refused_before_writing_and_the_corrected_command_wor
         train.train_and_evaluate(tiny(batch_size=1300, validation_size=200), run)
     assert not os.path.exists(run)
     train.train_and_evaluate(tiny(num_steps=2, checkpoint_every=2, eval_every=2, log_every=2), run)
-    assert runs.latest_checkpoint(run) == 2
+    assert rundir.latest_checkpoint(run) == 2
 
 
 def test_bad_npz_files_fail_with_one_line_naming_the_file(tmp_path):
@@ -221,20 +221,20 @@ def test_data_dir_with_a_dataset_that_reads_no_files_is_refused(tmp_path):
 
 
 def test_disk_full_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    path = str(tmp_path / runs.EVAL)
-    runs.atomic_write(path, '{"old": 1}')
+    path = str(tmp_path / rundir.EVAL)
+    rundir.atomic_write(path, '{"old": 1}')
     real_fsync = os.fsync
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(runs.WriteFailed) as e:
-        runs.atomic_write(path, '{"new": 2}')
+    with pytest.raises(rundir.WriteFailed) as e:
+        rundir.atomic_write(path, '{"new": 2}')
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert isinstance(e.value, cli.USER_ERRORS) and e.value.errno == errno.ENOSPC
     assert cli.one_line(e.value).startswith(f"cannot write {path}: No space left on device; it is unchanged")
-    assert os.listdir(tmp_path) == [runs.EVAL] and json.load(open(path)) == {"old": 1}
+    assert os.listdir(tmp_path) == [rundir.EVAL] and json.load(open(path)) == {"old": 1}
     # Temporaries a killed writer left are removed by the next successful write; a live
     # writer's (here the parent process's) or a fresh one is not.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -245,7 +245,7 @@ def test_disk_full_while_writing_leaves_the_old_file_and_no_temporary(tmp_path, 
     old = time.time() - 3600
     os.utime(stale, (old, old))
     os.utime(live, (old, old))
-    runs.atomic_write(path, '{"new": 2}')
+    rundir.atomic_write(path, '{"new": 2}')
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (path, live, fresh))
 
 
@@ -267,10 +267,10 @@ def test_disk_full_during_eval_json_is_one_line_through_the_cli(sweep_dirs, tmp_
                          timeout=300)
     assert out.returncode == cli.EXIT_USER_ERROR, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == (
-        f"error: cannot write {os.path.join(run, runs.EVAL)}: No space left on device; it is unchanged "
+        f"error: cannot write {os.path.join(run, rundir.EVAL)}: No space left on device; it is unchanged "
         f"(free space or fix the error, then run the command again)")
     assert "Traceback" not in out.stderr
-    assert not [f for f in os.listdir(run) if f.startswith(runs.EVAL)]
+    assert not [f for f in os.listdir(run) if f.startswith(rundir.EVAL)]
 
 
 # --------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_report_states_the_mi_bound_and_the_tc_standard_error(tmp_path):
               "disentanglement": {"gaussian_total_correlation_score.gaussian_total_correlation": 0.5}}
         run = fake_run(root, {"beta": 1.0, "seed": seed}, eval_json=ev,
                        meta={"train_size": n_train, "image_shape": [8, 8, 1]})
-        path = os.path.join(run, runs.METRICS)  # the logged batch MI: saturated at log N (training images)
+        path = os.path.join(run, rundir.METRICS)  # the logged batch MI: saturated at log N (training images)
         rows = [json.loads(line) for line in open(path).read().splitlines()[:-1]]
         for r in rows:
             r["index_code_mi"] = math.log(n_train) - 0.002 * (r["split"] == "train")
@@ -406,7 +406,7 @@ def test_eval_json_carries_the_definitions_and_keeps_its_keys(sweep_dirs, tmp_pa
     from vaekl import evaluate  # pylint: disable=g-import-not-at-top
     (run,) = copies(sweep_dirs[1][:1], tmp_path)
     r = evaluate.evaluate_run(run, num_samples=2, num_draws=2, disentanglement=False)
-    saved = json.load(open(os.path.join(run, runs.EVAL)))
+    saved = json.load(open(os.path.join(run, rundir.EVAL)))
     assert saved == json.loads(json.dumps(r))
     for key in ("mutual_info", "total_correlation", "total_correlation_se", "index_code_mi", "dimwise_kl",
                 "marginal_kl", "num_test"):

@@ -30,6 +30,9 @@ from matplotlib.ticker import NullFormatter, NullLocator  # pylint: disable=g-im
 import numpy as np
 import pandas as pd
 
+from vaekl import config as config_lib
+from vaekl import data, disentanglement, rundir
+from vaekl import runs as runs_lib
 SEED = "seed"
 TERMS = ("kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim")
 KEYS = ("run", "step", "split")          # metrics.jsonl columns that are not metrics
@@ -76,40 +79,20 @@ def spread(values: Iterable[float]) -> dict[str, float]:
 
 def read_json(path: str) -> dict:
     """The JSON object in ``path``; {} if the file is missing, unreadable or not an object."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
+    return runs_lib.json_object(path)
 
 
-def read_metrics(path: str) -> list[dict]:
-    """metrics.jsonl rows; a line that does not parse (a crash mid-write) is skipped."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and "step" in row and "split" in row:
-                rows.append({k: _clean(v) for k, v in row.items()})
-    return rows
+def metrics_rows(run_dir: str) -> list[dict]:
+    """A run's metrics.jsonl rows (:meth:`vaekl.runs.Run.metrics`) with "nan"/"inf" strings
+    as floats; rows without a step and a split are left out."""
+    return [{k: _clean(v) for k, v in row.items()} for row in runs_lib.Run(run_dir).metrics()
+            if "step" in row and "split" in row]
 
 
 def run_dirs(path: str) -> list[str]:
     """``[path]`` if it is a run directory (has config.json), else its subdirectories that
-    hold config.json and metrics.jsonl, sorted by name."""
-    if os.path.exists(os.path.join(path, "config.json")):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is not a directory")
-    return sorted(os.path.join(path, d) for d in os.listdir(path)
-                  if os.path.exists(os.path.join(path, d, "metrics.jsonl"))
-                  and os.path.exists(os.path.join(path, d, "config.json")))
+    hold config.json and metrics.jsonl, sorted by name (:func:`vaekl.runs.find`)."""
+    return [r.path for r in runs_lib.find(path, need_metrics=True)]
 
 
 def load_run(run_dir: str) -> pd.DataFrame:
@@ -123,7 +106,7 @@ def load_run(run_dir: str) -> pd.DataFrame:
     name = os.path.basename(os.path.normpath(run_dir))
     config = {k: _hashable(v) for k, v in read_json(os.path.join(run_dir, "config.json")).items()}
     evals = read_json(os.path.join(run_dir, "eval.json"))
-    df = pd.DataFrame.from_records(read_metrics(os.path.join(run_dir, "metrics.jsonl")))
+    df = pd.DataFrame.from_records(metrics_rows(run_dir))
     extra = {k: v for k, v in config.items() if k not in df.columns and k not in KEYS}
     for k, v in evals.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -157,7 +140,6 @@ def load_sweep(sweep_dir: str) -> pd.DataFrame:
 
 
 def _default_config_fields() -> list[str]:
-    from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top
     return list(config_lib.defaults().keys())
 
 
@@ -894,7 +876,7 @@ def metric_vs_strength(df: pd.DataFrame, metric: str | Sequence[str] = "mig", gr
 # ----------------------------------------------------------------------------------------
 # Disentanglement along training (disentanglement.jsonl, written with config.metric_every).
 
-ALONG_FILE = "disentanglement.jsonl"  # = vaekl.trajectory.FILE (not imported: it imports jax)
+ALONG_FILE = rundir.DISENTANGLEMENT
 ALONG_SCORES = ("mig", "factor_vae_score.eval_accuracy", "dci.disentanglement")
 _SIZE_KEYS = ("num_train", "num_test", "num_eval", "num_variance_estimate", "batch_size", "model")
 
@@ -902,21 +884,11 @@ _SIZE_KEYS = ("num_train", "num_test", "num_eval", "num_variance_estimate", "bat
 def disentanglement_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Every run's disentanglement.jsonl (from ``df.attrs["dirs"]``): one row per run and
     step, columns run, step, the scores, representation, seconds and sample_sizes (a dict).
-    Empty when no run has the file; a torn line is skipped."""
+    Empty when no run has the file; a torn last line is skipped (:class:`vaekl.rundir.MetricsLog`)."""
     frames = []
     for run, d in (df.attrs.get("dirs") or {}).items():
-        path = os.path.join(d, ALONG_FILE)
-        if not os.path.exists(path):
-            continue
-        rows = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and "step" in row:
-                    rows.append({k: v if k == "sample_sizes" else _clean(v) for k, v in row.items()})
+        rows = [{k: v if k == "sample_sizes" else _clean(v) for k, v in row.items()}
+                for row in runs_lib.Run(d).along_training()]
         if rows:
             frames.append(pd.DataFrame(rows).assign(run=run).drop_duplicates("step", keep="last"))
     if not frames:
@@ -1021,7 +993,7 @@ def kl_per_dim(run_dir: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(KL per latent dimension [d] in nats, Var_x E[z|x] per dimension [d]) of a run, from
     eval.json, else from the last test row of metrics.jsonl; None where neither has it."""
     ev = read_json(os.path.join(run_dir, "eval.json"))
-    test = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "test"]
+    test = [r for r in metrics_rows(run_dir) if r["split"] == "test"]
     last = max(test, key=lambda r: r["step"]) if test else {}
 
     def pick(key: str) -> np.ndarray | None:
@@ -1048,16 +1020,13 @@ def collapsed_dims(kl: np.ndarray | None, au_variance: np.ndarray | None, d: int
 
 def _as_run(run: Any, step: str | int):
     if isinstance(run, str):
-        from vaekl import runs as runs_lib  # pylint: disable=g-import-not-at-top  (imports jax)
         return runs_lib.load(run, step)
     return run
 
 
 def run_dataset(config: Any):
     """The dataset a run's config trains on (vaekl.data.load with its fields)."""
-    from vaekl import data  # pylint: disable=g-import-not-at-top
-    return data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
-                     seed=config.data_seed)
+    return data.for_config(config)
 
 
 def _images01(x: Any) -> np.ndarray:
@@ -1212,7 +1181,6 @@ def factor_mi(run: Any, num_points: int = 2000, num_bins: int = 20, step: str | 
     Raises:
       ValueError: the run's dataset has no ground-truth factors.
     """
-    from vaekl import disentanglement  # pylint: disable=g-import-not-at-top
     run = _as_run(run, step)
     ds = dataset if dataset is not None else run_dataset(run.config)
     if not hasattr(ds, "factor_sizes"):

@@ -6,7 +6,7 @@ fails loudly as :class:`CorruptCheckpoint` instead of resuming from garbage (whi
 surface as a non-finite loss much later). :func:`restore_latest_good` falls back to the
 newest checkpoint that verifies, moving the damaged ones aside as ``<step>.corrupt``.
 Every checkpoint also carries the run's config (:data:`CONFIG_KEY`), which
-:func:`vaekl.runs.check_config` compares on resume.
+:func:`vaekl.rundir.check_config` compares on resume.
 
 In a ``jax.distributed`` job (several processes, each writing its own runs), orbax 0.12 saves
 collectively (numpy leaves only from process 0, jax arrays only when global, barriers across
@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from vaekl import runs
+from vaekl import rundir
 
 LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
@@ -43,7 +43,7 @@ BEST_METRIC = "valid_neg_elbo"  # the run's "valid" split (config.validation_siz
 CHECKSUM = "vaekl_sha256"          # key in the step's custom metadata
 STEP_METADATA = "_CHECKPOINT_METADATA"
 ITEM = "default"                   # orbax's directory of the saved state inside a step
-CONFIG_KEY = runs.CHECKPOINT_CONFIG  # key in the step's custom metadata: the run's config (JSON)
+CONFIG_KEY = rundir.CHECKPOINT_CONFIG  # key in the step's custom metadata: the run's config (JSON)
 
 # A process of a jax.distributed job can save and restore its own runs' checkpoints
 # (:class:`LocalManager`), without any collective with the other processes.
@@ -302,14 +302,14 @@ def save(mgr: Manager, step: int, state: Any, valid_neg_elbo: float | None,
     custom = {CHECKSUM: checksum(state)}
     config = config if config is not None else _run_config(str(mgr.directory))
     if config is not None:
-        custom[CONFIG_KEY] = runs.jsonable_config(config)
+        custom[CONFIG_KEY] = rundir.jsonable_config(config)
     mgr.save(step, args=ocp.args.StandardSave(state), metrics=metrics, custom_metadata=custom)
 
 
 def _run_config(directory: str) -> dict | None:
     """config.json of the run whose checkpoints are in ``directory`` (None: none, unreadable)."""
     try:
-        with open(os.path.join(os.path.dirname(directory), runs.CONFIG)) as f:
+        with open(os.path.join(os.path.dirname(directory), rundir.CONFIG)) as f:
             config = json.load(f)
     except (OSError, ValueError):
         return None

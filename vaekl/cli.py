@@ -29,14 +29,14 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vaekl import runs, user_modules
+from vaekl import rundir, user_modules
 from vaekl.checkpoints import CorruptCheckpoint
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-               runs.RunLocked, runs.WriteFailed, app.UsageError, CorruptCheckpoint,
+               rundir.RunLocked, rundir.WriteFailed, app.UsageError, CorruptCheckpoint,
                FloatingPointError)  # a diverged run: its message says what to change
 
 

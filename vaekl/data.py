@@ -269,6 +269,13 @@ def load(
     return _load_tfds(name.removeprefix(_TFDS_PREFIX), data_dir, test_fraction, seed)
 
 
+def for_config(config) -> Dataset:
+    """The dataset a config trains on: :func:`load` with its ``dataset``, ``data_dir``,
+    ``test_fraction`` and ``data_seed`` (the one path from a config to its data)."""
+    return load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
+                seed=config.data_seed)
+
+
 def ground_truth_dataset(name: str, ground_truth: dsprites.GroundTruthData, seed: int = 0,
                          n_train: int | None = None, n_test: int | None = None) -> Dataset:
     """A :class:`Dataset` of ``ground_truth`` with fixed evaluation samples.

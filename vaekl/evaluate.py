@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.scipy.linalg import solve_triangular
 
-from vaekl import checkpoints, data, objectives, runs, train, trajectory
+from vaekl import data, loops, objectives, rundir, runs, train, trajectory
 from vaekl import metrics as metrics_lib
 from vaekl.models import gaussian
 from vaekl.models.gaussian import Gaussian
@@ -90,14 +90,14 @@ def iwae_log_likelihood(model: VAE, x: jax.Array, key: jax.Array, num_samples: i
         return (m_new, s), None
 
     init = (jnp.full(x.shape[0], -jnp.inf), jnp.zeros(x.shape[0]))
-    (m, s), _ = train.scan(body, init, jnp.arange(n_chunks))
+    (m, s), _ = loops.scan(body, init, jnp.arange(n_chunks))
     return m + jnp.log(s) - math.log(num_samples)
 
 
 def test_log_likelihood(model: VAE, x: jax.Array, key: jax.Array, num_samples: int,
                         chunk: int = 100, batch_size: int = 100) -> jax.Array:
     """[N] IWAE estimates of log p(x) for every example of x [N, H, W, C]."""
-    return train.batched_map(lambda xb, i: iwae_log_likelihood(model, xb, jax.random.fold_in(key, i),
+    return loops.batched_map(lambda xb, i: iwae_log_likelihood(model, xb, jax.random.fold_in(key, i),
                                                                num_samples, chunk), x, batch_size)
 
 
@@ -162,7 +162,7 @@ def decomposition_terms(q: Gaussian, p: Gaussian | None, z: jax.Array,
         joint = jnp.sum(table, -1) if q.is_diagonal else _log_prob_table(q.mean, q.scale_tril, zb)
         return (jax.nn.logsumexp(joint, axis=1) - log_n, log_q_dims, *_prior_log_probs(p, zb))
 
-    flat = train.batched_map(block, z.reshape(s * n, k), _block_size(n, k, chunk))
+    flat = loops.batched_map(block, z.reshape(s * n, k), _block_size(n, k, chunk))
     log_q, log_q_dims, log_p, log_p_dims = (a.reshape(s, n) for a in flat)
     log_q_own = jax.lax.map(q.log_prob, z)  # [S, N]; a full q's factors are not broadcast over S
     return {"mutual_info": log_q_own - log_q, "marginal_kl": log_q - log_p,
@@ -249,22 +249,8 @@ def mutual_information(model: VAE, x: jax.Array, key: jax.Array, num_draws: int 
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """A run's config.json over today's defaults (:func:`vaekl.runs.read_config`)."""
-    return runs.read_config(workdir)
-
-
-def _restore(workdir: str, config: ml_collections.ConfigDict, image_shape, train_images, which: str):
-    """(graphdef, state, step) of the run's best or latest good checkpoint (a damaged one is
-    skipped with a warning)."""
-    graphdef, state, _ = train.create(config, image_shape, train_images)
-    mgr = checkpoints.manager(workdir, config.keep_checkpoints, read_only=True)
-    try:
-        step, state = checkpoints.restore_step(mgr, which, state)
-    finally:
-        mgr.close()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    return graphdef, state, step
+    """A run's config.json over today's defaults (:func:`vaekl.rundir.read_config`)."""
+    return rundir.read_config(workdir)
 
 
 def disentanglement_scores(ds: data.Dataset, graphdef, params, seed: int = 0,
@@ -306,12 +292,12 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
         raise ValueError(f"num_draws must be at least 2 (for the standard errors), got {num_draws}")
     started = time.perf_counter()
     config = load_config(workdir)
-    ds = data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
-                   seed=config.data_seed)
+    ds = data.for_config(config)
     ds, eval_images = train.prepare(config, ds)
     key = jax.random.key(seed)
     test = jnp.asarray(eval_images["test"])
-    graphdef, state, step = _restore(workdir, config, ds.image_shape, ds.train_images, which)
+    trained = runs.Run(workdir).restore(which)
+    graphdef, state, step = trained.graphdef, trained.state, trained.step
     cfg = train.EvalConfig(batch_size, "none", objectives.Static.from_config(config, train.dataset_size(ds)),
                            config.active_units_threshold)
     stats = jax.jit(lambda s, x: train.evaluate(s, x, train.hyperparameters(config), jnp.int32(step),
@@ -354,5 +340,5 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
         result["representation_table_seconds"] = dis["table_seconds"]
         result["definitions"] = dict(DEFINITIONS)
     result["eval_seconds"] = time.perf_counter() - started  # this run's evaluation, wall time
-    runs.atomic_write(os.path.join(workdir, runs.EVAL), json.dumps(result, indent=2))
+    rundir.atomic_write(os.path.join(workdir, rundir.EVAL), json.dumps(result, indent=2))
     return result

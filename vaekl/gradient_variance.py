@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vaekl import kl_estimators, objectives
+from vaekl import checkpoints, data, kl_estimators, objectives, rundir, runs, train
+from vaekl import config as config_lib
+from vaekl.models.priors import MIXTURES
 
 GROUPS: dict[str, tuple[str, ...]] = {"encoder": ("encoder", "head"),
                                       "decoder": ("decoder", "likelihood"), "prior": ("prior",)}
@@ -67,16 +69,12 @@ def variance_with_se(sq_dev: np.ndarray) -> tuple[float, float]:
 
 def elbo_static(estimator: str, num_steps: int = 1, dataset_size: int = 1) -> objectives.Static:
     """The plain ELBO (regularizer 'kl', β = 1, constant) with ``estimator`` for its KL."""
-    from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top
-
     c = config_lib.defaults()
     c.kl_estimator, c.num_steps = estimator, num_steps
     return objectives.Static.from_config(c, dataset_size)
 
 
 def _elbo_hp() -> dict[str, jax.Array]:
-    from vaekl import config as config_lib  # pylint: disable=g-import-not-at-top
-
     return objectives.hyperparameters(config_lib.defaults())
 
 
@@ -133,20 +131,15 @@ def measure(graphdef, params, x: jax.Array, key: jax.Array, num_draws: int,
 def test_batch(run_dir: str, batch_size: int) -> np.ndarray:
     """The first ``batch_size`` images of the run's test split as training evaluates them (one
     fixed binarization), float [B, H, W, C] in [0, 1]."""
-    from vaekl import data, runs, train  # pylint: disable=g-import-not-at-top
-
-    config = runs.read_config(run_dir)
-    ds = data.load(config.dataset, config.data_dir or None, test_fraction=config.test_fraction,
-                   seed=config.data_seed)
+    config = rundir.read_config(run_dir)
+    ds = data.for_config(config)
     _, eval_images = train.prepare(config, ds)
     return np.asarray(data.to_float(jnp.asarray(eval_images["test"][:batch_size])))
 
 
 def checkpoint_steps(run_dir: str) -> list[int]:
     """Every kept checkpoint's step, ascending."""
-    from vaekl import checkpoints, runs  # pylint: disable=g-import-not-at-top
-
-    config = runs.read_config(run_dir)
+    config = rundir.read_config(run_dir)
     mgr = checkpoints.manager(run_dir, config.keep_checkpoints, read_only=True)
     try:
         return sorted(int(s) for s in mgr.all_steps())
@@ -161,10 +154,7 @@ def analyze_run(run_dir: str, steps: Sequence[int] | None = None, num_draws: int
     same test batch and keys: {run_dir, num_draws, batch_size, seed, estimators, checkpoints:
     [{step, <estimator>: …, ratio: …}]}. A mixture prior (mog, vamp) has no analytic
     estimator: only mc and stl are measured, without ratios."""
-    from vaekl import runs  # pylint: disable=g-import-not-at-top
-    from vaekl.models.priors import MIXTURES  # pylint: disable=g-import-not-at-top
-
-    if runs.read_config(run_dir).prior in MIXTURES:  # no closed form to compare with
+    if rundir.read_config(run_dir).prior in MIXTURES:  # no closed form to compare with
         estimators = [e for e in estimators if e != "analytic"]
     if num_draws < 2:
         raise ValueError(f"num_draws={num_draws} must be at least 2 (for the variance)")
@@ -221,11 +211,9 @@ def figure(result: dict):
 
 def write(result: dict, json_path: str, png_path: str) -> None:
     """The result as JSON and its :func:`figure` as PNG (directories created)."""
-    from vaekl import runs  # pylint: disable=g-import-not-at-top
-
     for p in (json_path, png_path):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-    runs.atomic_write(json_path, json.dumps(result, indent=2))
+    rundir.atomic_write(json_path, json.dumps(result, indent=2))
     fig = figure(result)
     fig.savefig(png_path, dpi=100)
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vaekl import estimators, kl_estimators, regularizers
+from vaekl import estimators, kl_estimators, loops, regularizers
 from vaekl import metrics as M
 from vaekl.models import gaussian
 from vaekl.models.vae import VAE
@@ -257,7 +257,6 @@ def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
     Args:
       to_inputs: (key, uint8 batch) → model inputs (binarization).
     """
-    from vaekl.train import batched_map  # pylint: disable=g-import-not-at-top
 
     n = images.shape[0]
     bs = min(batch_size, n)
@@ -276,7 +275,7 @@ def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
                                           static.kl_estimator)
         return per, jax.tree.map(lambda v: jnp.broadcast_to(v, (x_u8.shape[0], *jnp.shape(v))), batch)
 
-    per, batch = batched_map(one, images, bs)
+    per, batch = loops.batched_map(one, images, bs)
     full = (n // bs) * bs
     means = {k: v.mean(0) for k, v in per.items() if k != "posterior_mean"}
     batch_means = {k: v[:full].mean(0) for k, v in batch.items()}

@@ -23,15 +23,12 @@ from urllib.parse import quote
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from vaekl import analysis
+from vaekl import analysis, regularizers
+from vaekl import runs as runs_lib
 
 
 MODEL_FIELDS = ("model", "encoder_hidden", "decoder_hidden", "conv_channels", "conv_hidden",
                 "activation", "posterior", "prior", "likelihood", "likelihood_sigma", "latent_dim")
-# Each regularizer's own strength fields (by prefix); β and its schedule are always shown.
-REGULARIZER_FIELDS = {"kl": (), "free_bits": ("free_bits",), "capacity": ("capacity_",),
-                      "tcvae": ("tc_",), "dip_i": ("dip_",), "dip_ii": ("dip_",), "mmd": ("mmd_",),
-                      "factor": ("factor_",)}
 OPTIMIZER_FIELDS = ("batch_size", "learning_rate", "lr_schedule", "num_steps")
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1360px;margin:1em auto;
@@ -125,17 +122,11 @@ def _meta_value(metas: dict, key: str) -> str:
 
 
 def _regularizer_fields(name: str, columns: list[str]) -> list[str]:
-    """The config fields regularizer ``name`` reads: from vaekl.regularizers' registry when it
-    imports, else β, its schedule and the fields named like the regularizer's."""
-    try:
-        from vaekl import regularizers  # pylint: disable=g-import-not-at-top
-        fields = [f for f in regularizers.REGISTRY[name].fields if f in columns]
-        if fields:
-            return fields
-    except Exception:  # pylint: disable=broad-except  # the report never needs the registry
-        pass
-    prefixes = REGULARIZER_FIELDS.get(name, ())
-    return ["beta", "beta_schedule"] + sorted(f for f in columns if prefixes and f.startswith(prefixes))
+    """The config fields regularizer ``name`` reads (vaekl.regularizers' registry); β and its
+    schedule for a name the registry does not know (a user module not imported)."""
+    reg = regularizers.REGISTRY.get(name)
+    fields = [f for f in reg.fields if f in columns] if reg is not None else []
+    return fields or ["beta", "beta_schedule"]
 
 
 def _model_fields(constant: dict, varying: dict) -> list[str]:
@@ -428,7 +419,6 @@ def factor_figures(df: pd.DataFrame, factor_runs: int = 2, num_points: int = 200
     for run in analysis.pick_runs(df, factor_runs) if factor_runs > 0 else []:
         text = analysis.label(fields, [table.loc[run, f] for f in fields]) if fields else run
         try:
-            from vaekl import runs as runs_lib  # pylint: disable=g-import-not-at-top  (imports jax)
             loaded = runs_lib.load(dirs.get(run, run), "latest")
             dataset = dataset if dataset is not None else analysis.run_dataset(loaded.config)
             trav = analysis.latent_traversals(loaded, dataset=dataset)

@@ -23,16 +23,17 @@ import os
 import traceback
 from typing import Any
 
+import jax
 import ml_collections
 
 from vaekl import config as config_lib
-from vaekl import runs, user_modules
+from vaekl import data, loops, rundir, sharding, train, user_modules
 
 LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
 # Run status and checkpoints: the run directory's business (kept here as aliases).
-status = runs.status
-latest_checkpoint = runs.latest_checkpoint
+status = rundir.status
+latest_checkpoint = rundir.latest_checkpoint
 
 NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._=,+-")
 VALUE_CHARS = NAME_CHARS - {"=", ","}  # '=' and ',' separate a name's fields
@@ -172,12 +173,11 @@ def groups(configs: list[ml_collections.ConfigDict], max_size: int,
     interrupted, :func:`resume_plan`), where they share a key and start and fit ``max_size``.
     The result depends only on its arguments.
     """
-    from vaekl.train import group_key  # pylint: disable=g-import-not-at-top
 
     starts = starts or [None] * len(configs)
     by_key: dict[str, list[int]] = {}
     for i, c in enumerate(configs):
-        by_key.setdefault(group_key(c) + f"@{starts[i]}", []).append(i)
+        by_key.setdefault(train.group_key(c) + f"@{starts[i]}", []).append(i)
     out = []
     for members in by_key.values():
         kept = [list(t) for t in together or () if set(t) <= set(members) and len(t) <= max_size]
@@ -200,16 +200,15 @@ def bytes_per_run(config: ml_collections.ConfigDict, num_params: int, image_size
     Parameters, gradients and Adam's two moments (4 copies of float32), plus activations of a
     training batch and of an evaluation batch (inputs, every layer's width, both passes), plus
     the β-TCVAE split that every training step and evaluation batch computes: a [B, B, k]
-    float32 table (and its logsumexp), for each of up to ``train.CPU_UNROLL_BATCHES``
+    float32 table (and its logsumexp), for each of up to ``loops.CPU_UNROLL_BATCHES``
     evaluation batches that XLA:CPU may hold at once when it unrolls them.
     """
-    from vaekl import train  # pylint: disable=g-import-not-at-top
 
     widths = sum(config.encoder_hidden) + sum(config.decoder_hidden) + 4 * config.latent_dim
     if config.model == "conv":  # stride-2 layers: layer i's output has image_size / 4^(i+1) positions
         widths += 2 * sum(image_size // 4 ** (i + 1) * c for i, c in enumerate(config.conv_channels))
     act = (config.batch_size + config.eval_batch_size) * (3 * image_size + 2 * widths)
-    tc = 2 * config.latent_dim * (config.batch_size ** 2 + train.CPU_UNROLL_BATCHES * config.eval_batch_size ** 2)
+    tc = 2 * config.latent_dim * (config.batch_size ** 2 + loops.CPU_UNROLL_BATCHES * config.eval_batch_size ** 2)
     return 4 * (4 * num_params + 2 * act + tc)
 
 
@@ -229,8 +228,6 @@ def fitting_group_size(configs: list[ml_collections.ConfigDict], ds, devices=Non
     limits (``bytes_limit``), every process's counted like this one's; devices that share the
     host's memory (CPU) count :data:`CPU_MEMORY_BYTES` once, on any host.
     """
-    import jax  # pylint: disable=g-import-not-at-top
-    from vaekl import train  # pylint: disable=g-import-not-at-top
 
     devices = list(devices) if devices is not None else jax.local_devices()
     big = max(configs, key=lambda c: c.latent_dim)
@@ -253,12 +250,11 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     run directory: an unreadable or different config.json, a metrics.jsonl with an invalid
     line before its last or a torn last row that resuming would lose, or a num_steps change
     the run's schedules forbid. Reads only."""
-    from vaekl import train  # pylint: disable=g-import-not-at-top
 
-    checks = ((runs.CONFIG, lambda: runs.check_config(workdir, config.to_dict())),
-              (runs.METRICS, lambda: runs.MetricsLog(os.path.join(workdir, runs.METRICS)).read()),
-              (runs.CONFIG, lambda: train._check_extension(workdir, config)),  # pylint: disable=protected-access
-              (runs.METRICS, lambda: train.check_metrics(workdir)))
+    checks = ((rundir.CONFIG, lambda: rundir.check_config(workdir, config.to_dict())),
+              (rundir.METRICS, lambda: rundir.MetricsLog(os.path.join(workdir, rundir.METRICS)).read()),
+              (rundir.CONFIG, lambda: train.check_extension(workdir, config)),  # pylint: disable=protected-access
+              (rundir.METRICS, lambda: train.check_metrics(workdir)))
     for name, check in checks:
         try:
             check()
@@ -277,10 +273,9 @@ def resume_plan(workdirs: list[str]) -> tuple[list[int | None], list[list[int]]]
     them present here, form one group again, in their order, resuming from the earliest of
     their steps; reads only.
     """
-    from vaekl.train import read_group_commit  # pylint: disable=g-import-not-at-top
 
     starts = [latest_checkpoint(w) for w in workdirs]
-    markers = [read_group_commit(w) if s is not None else None for w, s in zip(workdirs, starts)]
+    markers = [train.read_group_commit(w) if s is not None else None for w, s in zip(workdirs, starts)]
     for i, m in enumerate(markers):
         if m is not None and m["step"] < starts[i]:
             starts[i] = m["step"]
@@ -333,12 +328,9 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
       (whether this process trained it) and "program" (the placement's summary, or None).
       ``on_program(run indices, summary, their errors)`` is called after each program.
     """
-    from vaekl import sharding  # pylint: disable=g-import-not-at-top
 
     if distributed if distributed is not None else sharding.slurm_tasks() > 1:
         sharding.initialize_distributed()
-    import jax  # pylint: disable=g-import-not-at-top
-    from vaekl import data, train  # pylint: disable=g-import-not-at-top
 
     for c in configs:  # a Slurm task is a fresh process: the runs' user modules first
         user_modules.import_all(c.get("imports"))
@@ -357,8 +349,7 @@ def run_groups(configs: list[dict], workdirs: list[str], max_group: int = 0, dev
     for idx in by_key.values():
         first, ds, limit, problem = configs[idx[0]], None, max_group, None
         try:
-            ds = data.load(first.dataset, first.data_dir or None, test_fraction=first.test_fraction,
-                           seed=first.data_seed)
+            ds = data.for_config(first)
             limit = max_group or fitting_group_size([configs[i] for i in idx], ds, devs)
         except Exception as e:  # pylint: disable=broad-except
             problem, limit = f"{type(e).__name__}: {e}", 0

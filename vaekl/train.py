@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vaekl import checkpoints, data, objectives, regularizers, rundir, runs, sharding, trajectory
+from vaekl import checkpoints, data, loops, objectives, regularizers, rundir, sharding, trajectory
 from vaekl import metrics as metrics_lib
 from vaekl import config as config_lib
 from vaekl.models import vae as vae_lib
@@ -100,8 +100,9 @@ def per_run_fields() -> tuple[str, ...]:
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-    """{field: float32 scalar} for every per-run field."""
-    return {k: jnp.float32(config[k]) for k in per_run_fields()}
+    """{field: float32 scalar} for every per-run field: the objective's
+    (:func:`vaekl.objectives.hyperparameters`) and the optimizer's."""
+    return {**objectives.hyperparameters(config), **{k: jnp.float32(config[k]) for k in OPTIMIZER_PER_RUN}}
 
 
 def create(config: ml_collections.ConfigDict, image_shape, train_images: np.ndarray | None = None):
@@ -183,19 +184,7 @@ def run_steps(state: TrainState, arrays, hp: dict, key: jax.Array, latent_mask: 
     (state, per-step metrics [n])."""
     step = functools.partial(train_step, arrays=arrays, hp=hp, key=key, latent_mask=latent_mask,
                              graphdef=graphdef, tx=tx, cfg=cfg)
-    return scan(lambda s, _: step(s), state, None, length=num_steps, unroll=unroll)
-
-
-def scan(f, init, xs=None, length: int | None = None, unroll: bool = False):
-    """``lax.scan(f, init, xs, length)``, fully unrolled with ``unroll``, and never a one-trip
-    while loop: ``lax.scan`` keeps one when ``length`` is 1 (even fully unrolled), and XLA:CPU
-    runs the convolutions inside it ~20× slower (the 64×64 conv VAE's step: 5.3 s in the loop,
-    0.23 s outside, one core). ``f`` is traced once either way."""
-    n = length if length is not None else jax.tree.leaves(xs)[0].shape[0]
-    if n == 1:
-        carry, y = f(init, jax.tree.map(lambda a: a[0], xs))
-        return carry, jax.tree.map(lambda a: jnp.asarray(a)[None], y)
-    return jax.lax.scan(f, init, xs, length=n, unroll=n if unroll else 1)
+    return loops.scan(lambda s, _: step(s), state, None, length=num_steps, unroll=unroll)
 
 
 def steps_per_call(config: ml_collections.ConfigDict) -> int:
@@ -203,7 +192,7 @@ def steps_per_call(config: ml_collections.ConfigDict) -> int:
     rolled ``lax.scan``). ``config.steps_per_call = 0`` picks automatically: one step per call
     for conv models on the CPU, where XLA runs convolutions inside a while loop ~20× slower than
     outside one (the 64×64 conv VAE on one core: 0.23 s per step without a loop, 5.3 s in a
-    one-trip loop, see :func:`scan`); unrolling more steps per call only multiplies the
+    one-trip loop, see :func:`vaekl.loops.scan`); unrolling more steps per call only multiplies the
     compile time; otherwise 0."""
     if config.steps_per_call:
         return int(config.steps_per_call)
@@ -218,51 +207,12 @@ def member_mode(config: ml_collections.ConfigDict) -> str:
     """How a group's members share one compiled program: 'vmap' (batched over the run axis),
     or 'sequential' for conv models on the CPU, where vmapped convolutions become grouped
     convolutions that XLA:CPU runs ~4× slower per member; there the members' steps are
-    unrolled one after another inside the program (:func:`run_map`)."""
+    unrolled one after another inside the program (:func:`vaekl.loops.run_map`)."""
     return "sequential" if _conv_on_cpu(config) else "vmap"
-
-
-def run_map(fn: Callable, in_axes: tuple, mode: str = "vmap", spmd_axis_name: str | None = None) -> Callable:
-    """``jax.vmap(fn, in_axes)`` over the run axis (axis 0 of the mapped arguments), or with
-    ``mode='sequential'`` the same function computed member by member (each member sliced,
-    ``fn`` applied, the results stacked): one program, no batched convolutions."""
-    if mode == "vmap":
-        return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=spmd_axis_name)
-    if mode != "sequential":
-        raise ValueError(f"unknown member mode {mode!r}; choose 'vmap' or 'sequential'")
-
-    def mapped(*args):
-        sizes = {a.shape[0] for arg, ax in zip(args, in_axes) if ax == 0 for a in jax.tree.leaves(arg)}
-        if len(sizes) != 1:
-            raise ValueError(f"run_map: the mapped arguments disagree on the run axis: sizes {sorted(sizes)}")
-        outs = [fn(*[jax.tree.map(lambda a, i=i: a[i], arg) if ax == 0 else arg
-                     for arg, ax in zip(args, in_axes)]) for i in range(sizes.pop())]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-    return mapped
 
 
 # ----------------------------------------------------------------------------------------
 # Evaluation.
-
-
-def batched_map(fn, x: jax.Array, batch_size: int):
-    """``fn(batch, batch_index)`` over x [N, ...] in batches (the last one zero-padded), with
-    a ``lax.scan``; the per-example outputs concatenated back to [N, ...].
-
-    On the CPU, up to :data:`CPU_UNROLL_BATCHES` batches are unrolled: XLA:CPU runs
-    convolutions inside a while loop ~10× slower (see :func:`steps_per_call`)."""
-    n = x.shape[0]
-    bs = min(batch_size, n)
-    nb = -(-n // bs)
-    xp = jnp.concatenate([x, jnp.zeros((nb * bs - n, *x.shape[1:]), x.dtype)])
-    unroll = jax.default_backend() == "cpu" and nb <= CPU_UNROLL_BATCHES
-    _, out = scan(lambda c, a: (c, fn(*a)), None, (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)),
-                  unroll=unroll)
-    return jax.tree.map(lambda a: a.reshape(nb * bs, *a.shape[2:])[:n], out)
-
-
-CPU_UNROLL_BATCHES = 16
 
 
 class EvalConfig(NamedTuple):
@@ -328,7 +278,7 @@ class Member:
         self.k = config.latent_dim
         self.graphdef, self.initial, _ = create(config, image_shape, train_images)
         self.log = rundir.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-        self.lock = runs.RunLock(workdir)
+        self.lock = rundir.RunLock(workdir)
         self.mgr = None
         self.tb = None
         self.failure: str | None = None
@@ -347,7 +297,7 @@ class Member:
         step) into a new event file and removes the older ones, so that readers never see a
         step twice after a resume (the events of work a kill lost are gone with its rows)."""
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        tb_dir = os.path.join(self.workdir, runs.TENSORBOARD)
+        tb_dir = os.path.join(self.workdir, rundir.TENSORBOARD)
         old = [os.path.join(tb_dir, f) for f in os.listdir(tb_dir)] if os.path.isdir(tb_dir) else []
         old = [f for f in old if ".tfevents." in os.path.basename(f) and os.path.isfile(f)]
         if self.tb is not None:
@@ -436,7 +386,7 @@ def _commit_group(members: list[Member], step: int) -> None:
         m.mgr.wait_until_finished()
     _fault("saved", step)
     for m in members:
-        runs.atomic_write(os.path.join(m.workdir, GROUP_COMMIT),
+        rundir.atomic_write(os.path.join(m.workdir, GROUP_COMMIT),
                           json.dumps({"step": int(step), "members": m.group}))
     _fault("committed", step)
 
@@ -499,7 +449,7 @@ def _member_rows(step: int, evals: dict[str, dict], i: int, k: int) -> list[dict
             for split, ev in evals.items()]
 
 
-def _stack_hyperparameters(configs) -> dict[str, jax.Array]:
+def stack_hyperparameters(configs) -> dict[str, jax.Array]:
     """{field: float32 [runs]}: the per-run values, stacked along the run axis."""
     per = [hyperparameters(c) for c in configs]
     return {k: jnp.stack([h[k] for h in per]) for k in per[0]}
@@ -548,8 +498,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     if len({group_key(c) for c in configs}) != 1:
         raise ValueError(f"a group's runs may differ only in {group_fields()}")
     config = configs[0]
-    ds = dataset or data.load(config.dataset, config.data_dir or None,
-                              test_fraction=config.test_fraction, seed=config.data_seed)
+    ds = dataset or data.for_config(config)
     if ds.train_images.shape[0] == 0 or ds.test_images.shape[0] == 0:
         raise ValueError(f"dataset {config.dataset!r} has {ds.train_images.shape[0]} training and "
                          f"{ds.test_images.shape[0]} test images; both must be > 0")
@@ -569,16 +518,16 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str],
     _check_batch_size(config, ds)
     for m in members:  # every check before the first directory is written
         rundir.check_config(m.workdir, m.config.to_dict())
-        _check_extension(m.workdir, m.config)
+        check_extension(m.workdir, m.config)
         check_metrics(m.workdir)
     try:
         for m in members:  # one writer per run directory (RunLocked names the holder)
             os.makedirs(m.workdir, exist_ok=True)
             m.lock.acquire()
-        meta = {"image_shape": list(ds.image_shape), "train_size": dataset_size(ds), **runs.provenance()}
+        meta = {"image_shape": list(ds.image_shape), "train_size": dataset_size(ds), **rundir.provenance()}
         for m in members:
             m.open()
-            runs.write_meta(m.workdir, meta)
+            rundir.write_meta(m.workdir, meta)
         return _train_opened(members, config, ds, big, eval_images)
     finally:
         for m in members:
@@ -598,27 +547,27 @@ def _check_batch_size(config: ml_collections.ConfigDict, ds: data.Dataset) -> No
 
 def check_metrics(workdir: str) -> None:
     """Refuses to resume a run whose metrics.jsonl lost a row for good to a torn last line
-    (:func:`vaekl.runs.check_torn_row`), resuming from its latest checkpoint or its group's
+    (:func:`vaekl.rundir.check_torn_row`), resuming from its latest checkpoint or its group's
     last committed step, whichever is earlier."""
-    start = runs.latest_checkpoint(workdir)
+    start = rundir.latest_checkpoint(workdir)
     marker = read_group_commit(workdir) if start is not None else None
     if marker is not None:
         start = min(start, marker["step"])
-    runs.check_torn_row(workdir, start)
+    rundir.check_torn_row(workdir, start)
 
 
-def _check_extension(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_extension(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Refuses to change num_steps of a run whose schedules depend on it."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
-    old = runs.read_config(workdir)
+    old = rundir.read_config(workdir)
     if old.num_steps == config.num_steps:
         return
     depends = [f"lr_schedule={config.lr_schedule!r}"] * (config.lr_schedule in ("cosine", "iwae"))
     depends += [f"beta_schedule={config.beta_schedule!r}"] * (
         config.regularizer in ("kl", "free_bits") and config.beta_schedule == "cyclical")
-    if depends and runs.latest_checkpoint(workdir) is not None:
+    if depends and rundir.latest_checkpoint(workdir) is not None:
         raise ValueError(f"{workdir}: num_steps {old.num_steps} → {config.num_steps} would change the "
                          f"schedule of a started run ({', '.join(depends)} depends on num_steps); "
                          f"train a new run instead")
@@ -688,7 +637,7 @@ def _train_opened(members: list[Member], config, ds, big, eval_images: dict[str,
                       placement=placement)
     arrays = placement.replicate(arrays)
     evals_on = {split: placement.replicate(images) for split, images in eval_images.items()}
-    hp = placement.put_runs(_stack_hyperparameters([m.config for m in members]))
+    hp = placement.put_runs(stack_hyperparameters([m.config for m in members]))
     masks = placement.put_runs(np.asarray([np.arange(big.latent_dim) < m.k for m in members], np.float32))
     seeds = [jax.random.key(m.config.seed) for m in members]
     train_keys = placement.put_runs(jnp.stack([jax.random.fold_in(k, 2) for k in seeds]))
@@ -915,7 +864,7 @@ def _compile_fns(config, graphdef, tx, vmapped, draw, dataset_size, placement, m
         fn = functools.partial(run_steps, num_steps=num_steps, graphdef=graphdef, tx=tx, cfg=cfg,
                                unroll=unroll)
         if vmapped:
-            fn = run_map(fn, (0, None, 0, 0, 0), mode, spmd)
+            fn = loops.run_map(fn, (0, None, 0, 0, 0), mode, spmd)
         return fn(state, arrays, hp, key, latent_mask)
 
     n_eval = dataset_size
@@ -926,7 +875,7 @@ def _compile_fns(config, graphdef, tx, vmapped, draw, dataset_size, placement, m
                          config.active_units_threshold)
         fn = functools.partial(evaluate, graphdef=graphdef, cfg=cfg)
         if vmapped:
-            fn = run_map(fn, (0, None, 0, None, 0, 0), mode, spmd)
+            fn = loops.run_map(fn, (0, None, 0, None, 0, 0), mode, spmd)
         return fn(state, images, hp, step, key, latent_mask)
 
     if placement is None:

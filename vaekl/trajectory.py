@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vaekl import disentanglement, runs
+from vaekl import disentanglement, rundir
 
 __all__ = ["FILE", "METRIC_FIELDS", "due", "parse_options", "read", "record", "representation_fn",
            "score", "truncate"]
 
-FILE = "disentanglement.jsonl"
+FILE = rundir.DISENTANGLEMENT
 METRIC_FIELDS = ("metric_every", "metric_options", "metric_names")  # the config fields read here
 _NOT_SCORES = ("step", "sample_sizes", "representation", "seconds", "table_seconds")
 
@@ -88,8 +88,8 @@ def score(ds, graphdef, params, seed: int, options: Mapping | None = None, metri
         options=options, table=table, progress_every=progress_every)
 
 
-def _log(run_dir: str) -> runs.MetricsLog:
-    return runs.MetricsLog(os.path.join(run_dir, FILE))
+def _log(run_dir: str) -> rundir.MetricsLog:
+    return rundir.MetricsLog(os.path.join(run_dir, FILE))
 
 
 def read(run_dir: str) -> list[dict]:

@@ -23,6 +23,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vaekl import runs as runs_lib
+
 ROWS = {"kl_estimators": "kl_estimator", "priors": "prior", "iwae_objective": "iwae_k"}
 METRICS = ("neg_elbo", "nll", "active_units", "steps_to_target")
 
@@ -67,8 +69,7 @@ def _stats(values) -> dict:
 def summarize(runs_dir: str, row: str, target: float | None = None) -> dict:
     """The row's result: {row, field, target, groups: {value: {seeds, runs, <metric>: stats}}}."""
     field = ROWS[row]
-    dirs = sorted(os.path.join(runs_dir, d) for d in os.listdir(runs_dir)
-                  if os.path.exists(os.path.join(runs_dir, d, "config.json")))
+    dirs = [r.path for r in runs_lib.find(runs_dir)]
     if not dirs:
         raise FileNotFoundError(f"no run directory in {runs_dir}")
     runs = [_read(d) for d in dirs]

@@ -59,7 +59,7 @@ from vaekl import config as config_lib
 from vaekl import objectives
 from vaekl import runs as runs_lib
 from vaekl import train
-from vaekl.rundir import quiet_library_logs
+from vaekl.cli import quiet_library_logs
 
 SIGMA2 = 0.01 * 2.0 ** -3.5  # decoder noise σ²: each βσ² (β = ½, 1, 2, 4) falls between two λ_i
 EIGENVALUES = 0.01 * 2.0 ** -np.arange(10.0)  # 1e-2 … 2e-5, a factor 2 apart

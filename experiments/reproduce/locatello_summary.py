@@ -111,7 +111,7 @@ def find_runs(runs_dir: str) -> list[tuple[str, str]]:
 
 
 def _last_test_row(run_dir: str) -> dict:
-    rows = [r for r in analysis.read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["split"] == "test"]
+    rows = [r for r in analysis.metrics_rows(run_dir) if r["split"] == "test"]
     return max(rows, key=lambda r: r["step"]) if rows else {}
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from experiments.reproduce import locatello_curves, locatello_summary
 from vaekl import analysis
+from vaekl import runs as runs_lib
 
 _RUNS = flags.DEFINE_string("runs", "runs", "Directory holding the reproduction runs.")
 _OUT = flags.DEFINE_string("out", "docs/reproductions", "Where results and figures go.")
@@ -54,8 +55,7 @@ def wall_minutes(*run_dirs: str, end_file: str = "samples.png") -> float:
 
 
 def _sweep_runs(sweep: str) -> list[str]:
-    return [os.path.join(sweep, d) for d in os.listdir(sweep)
-            if os.path.exists(os.path.join(sweep, d, "config.json"))]
+    return [r.path for r in runs_lib.find(sweep)]
 
 
 def _save(out: str, name: str, result: dict, fig=None) -> None:
@@ -409,10 +409,41 @@ def collect(runs: str, out: str, only: list[str] | None = None, locatello_runs: 
     return results
 
 
+def locatello_md(results: dict[str, dict | None]) -> str | None:
+    """docs/reproductions/locatello_dsprites.md: the 36-model study's per-method table and
+    claims, then disentanglement along training for each slice (CPU, GPU) with its compute,
+    curves and the published comparisons; None when no Locatello result exists."""
+    parts = []
+    if results.get("locatello"):
+        parts += ["## The study at 400 steps (36 models, CPU)", "", locatello_summary.table_md(results["locatello"]), ""]
+    slices = []
+    if results.get("locatello_slice"):
+        r = results["locatello_slice"]
+        t = r.get("timing") or {}
+        compute = (f"{t['train_seconds'] / 3600:.2f} h of a 2-core CPU machine for training and the metrics along "
+                   f"it ({t.get('models', r['runs']):g} models, two launchers each pinned to one core)"
+                   if t.get("train_seconds") else "compute not recorded (no timing.txt)")
+        slices.append(locatello_curves.markdown(r, "CPU slice (`bash experiments/reproduce/locatello_slice_cpu.sh`)",
+                                                f"{SLICE_NAME}.png", compute))
+    if results.get("locatello_gpu"):
+        r = results["locatello_gpu"]
+        slices.append(locatello_curves.markdown(
+            r, f"β-TCVAE slice on one {r.get('device', 'GPU')} (`bash benchmarks/gpu/run.sh OUT`)",
+            f"{GPU_SLICE_NAME}.png", "one time-budgeted call of benchmarks/gpu/run.sh (all runs in one vmapped "
+            "program; device numbers in nvidia_h200_gpu.json)"))
+    if slices:
+        parts += ["## Disentanglement along training", "", *slices]
+    return "\n".join(parts) if parts else None
+
+
 def main(argv):
     del argv
     os.makedirs(_OUT.value, exist_ok=True)
     results = collect(_RUNS.value, _OUT.value, _ONLY.value, _LOCATELLO.value, _SLICE.value)
+    doc = locatello_md(results)
+    if doc:
+        with open(os.path.join(_OUT.value, f"{locatello_summary.NAME}.md"), "w") as f:
+            f.write(doc + "\n")
     md = table(results)
     with open(os.path.join(_OUT.value, "table.md"), "w") as f:
         f.write(md + "\n")
