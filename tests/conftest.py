@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 SLOW_MODULES = {"test_train", "test_sweep", "test_slurm", "test_runs", "test_report", "test_linear_vae",
                 "test_sharding"}
 # Single slow tests in otherwise fast modules (substring of the test's node id).
-SLOW_TESTS = ("test_train_evaluate_report_and_load", "test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
+SLOW_TESTS = ("test_train_evaluate_report_and_load", "test_a_user_dataset_architecture_and_metric", "test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
               "test_one_sample_elbo_is_unbiased", "test_iwae_objective_trains", "test_sampled_estimators_train",
               "test_analysis_of_a_tiny_digits_run", "test_mixture_priors_train",
               "test_row_runs_on_tiny_settings", "test_conv_group_member")

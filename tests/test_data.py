@@ -327,7 +327,7 @@ def test_tfds_prepared_without_random_access(tmp_path):
 
 
 def test_unknown_name_lists_builtin_sources():
-    with pytest.raises(ValueError, match=r"'no_such_dataset'.*\('digits', 'idx', 'npz'\)"):
+    with pytest.raises(ValueError, match=r"'no_such_dataset': not a registered source \('digits', 'idx', 'npz', 'dsprites'"):
         data.load("no_such_dataset")
 
 

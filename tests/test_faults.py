@@ -23,7 +23,7 @@ Each class of the issue has a case here or, where one already exists, in another
                         test_local_launcher_shows_child_errors_and_stops_children_on_sigterm)
 
 Runs are tiny MLPs on the embedded 8×8 digits; kills are injected in-process through
-``vaekl.train.fault_hook`` (deterministic, no timing).
+``vaekl.train.groups.fault_hook`` (deterministic, no timing).
 """
 
 from __future__ import annotations
@@ -68,11 +68,11 @@ def train_sweep(root, configs, names, kill=None):
         if (phase, step, member) == kill:
             raise Killed(kill)
 
-    train.fault_hook = hook if kill else None
+    train.groups.fault_hook = hook if kill else None
     try:
         return sweep.run_groups([c.to_dict() for c in configs], dirs, max_group=4)
     finally:
-        train.fault_hook = None
+        train.groups.fault_hook = None
 
 
 def read_rows(run_dir):

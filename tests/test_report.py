@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from vaekl import analysis, report
+from vaekl import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,8 +182,9 @@ def test_figures_mark_values_and_keep_legends_off_the_axes(tmp_path):
                                          "beta=4,latent_dim=8,seed=0"]
     curves = analysis.training_curves(df)
     titles = [a.get_title() for a in curves.axes if a.get_visible()]
-    assert titles[:4] == [analysis.TITLES[m] for m in ("loss", "neg_elbo", "kl", "beta_weight")]
-    assert analysis.TITLES.get("penalty") in titles and "kl_dim" not in titles
+    assert titles[:4] == [metrics_lib.title(m) for m in ("loss", "neg_elbo", "kl", "beta_weight")]
+    assert titles[0] == "loss (the objective) [nats]"
+    assert metrics_lib.title("penalty") in titles and "kl_dim" not in titles
 
 
 def test_report_html_for_a_sweep_and_a_single_run(tmp_path):

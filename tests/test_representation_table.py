@@ -63,7 +63,7 @@ def test_table_scores_equal_encoding_on_demand(rep):
                                rtol=1e-6, atol=1e-6)
     on_demand = dis.evaluate_all(gt, rep, np.random.default_rng(5), options=SMALL)
     from_table = dis.evaluate_all(gt, table, np.random.default_rng(5), options=SMALL)
-    assert set(on_demand) == set(dis.METRICS)
+    assert set(on_demand) == set(dis.representation_metrics())
     if rep is rowwise:
         assert from_table == on_demand  # exactly: same draws, same codes
     else:  # batch size may change the last float32 bits of a compiled encoder
@@ -99,7 +99,7 @@ def test_random_sources_encode_on_demand():
 
 def test_default_sizes_need_a_table_on_dsprites():
     gt = dsprites.DSprites()
-    need = {m: dis.encodings_needed(m, gt.factor_sizes) for m in dis.METRICS}
+    need = {m: dis.encodings_needed(m, gt.factor_sizes) for m in dis.representation_metrics()}
     assert need == {"mig": 10_000, "factor_vae_score": 10_000 + 64 * 15_000, "beta_vae_score": 2 * 64 * 15_000,
                     "dci": 15_000, "sap": 15_000, "modularity_explicitness": 15_000,
                     "gaussian_total_correlation_score": 10_000}

@@ -165,7 +165,7 @@ def test_metrics_log_whole_lines_and_torn_last_line(tmp_path, monkeypatch, caplo
 # ---------------------------------------------------------------------------
 # The lock, with real processes.
 
-HOLD = ("import sys; from vaekl import runs; lock = rundir.RunLock(sys.argv[1]).acquire(); "
+HOLD = ("import sys; from vaekl import rundir; lock = rundir.RunLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); sys.stdin.readline()")
 
 
@@ -370,7 +370,7 @@ def test_launcher_waits_for_runs_held_by_another_process(tmp_path):
                        latent_dim=3))
     holder_code = (
         "import json, os, sys\n"
-        "from vaekl import runs, train, config as config_lib\n"
+        "from vaekl import rundir, train, config as config_lib\n"
         "d3, d4 = sys.argv[1], sys.argv[2]\n"
         "os.makedirs(d3); os.makedirs(d4)\n"
         "l3, l4 = rundir.RunLock(d3).acquire(), rundir.RunLock(d4).acquire()\n"

@@ -29,7 +29,7 @@ def tiny_config(**changes):
                      batch_size=8, num_steps=4, eval_every=4, log_every=4, checkpoint_every=2, keep_checkpoints=5,
                      eval_batch_size=500, num_eval_train=500, num_images=4, binarization="none",
                      likelihood="bernoulli", learning_rate=1e-2, metric_every=2,
-                     metric_options=json.dumps(SMALL), metric_names=tuple(disentanglement.METRICS), **{}) | changes).items():
+                     metric_options=json.dumps(SMALL), metric_names=disentanglement.representation_metrics(), **{}) | changes).items():
         c[k] = v
     return c
 

@@ -32,6 +32,7 @@ import pandas as pd
 
 from vaekl import config as config_lib
 from vaekl import data, disentanglement, rundir
+from vaekl import metrics as metrics_lib
 from vaekl import runs as runs_lib
 SEED = "seed"
 TERMS = ("kl_trace", "kl_mahalanobis", "kl_log_det_ratio", "kl_dim")
@@ -39,11 +40,6 @@ KEYS = ("run", "step", "split")          # metrics.jsonl columns that are not me
 EVAL_PREFIX, DIS_PREFIX = "eval_", "dis_"  # eval.json scalars and its `disentanglement` object
 SHORT = {"beta": "β", "latent_dim": "k"}
 CURVE_METRICS = ("loss", "neg_elbo", "kl", "beta_weight", "recon")  # first panels of training_curves
-TITLES = {"loss": "loss (the objective) [nats]", "neg_elbo": "−ELBO [nats]", "kl": "KL [nats]",
-          "beta_weight": "β weight w(t)", "recon": "distortion −E log p(x|z) [nats]",
-          "penalty": "penalty (the regularizer) [nats]", "index_code_mi": "index-code MI [nats]",
-          "total_correlation": "total correlation [nats]", "dimwise_kl": "dimension-wise KL [nats]",
-          "capacity": "capacity C [nats]", "active_units": "active units"}
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf,
               "infinity": math.inf, "-infinity": -math.inf}
 _MARKERS = "osD^vP*Xph<>"
@@ -104,8 +100,9 @@ def load_run(run_dir: str) -> pd.DataFrame:
     "meta" (dicts keyed by run name).
     """
     name = os.path.basename(os.path.normpath(run_dir))
-    config = {k: _hashable(v) for k, v in read_json(os.path.join(run_dir, "config.json")).items()}
-    evals = read_json(os.path.join(run_dir, "eval.json"))
+    run = runs_lib.Run(run_dir)
+    config = {k: _hashable(v) for k, v in run.config_json.items()}
+    evals = run.eval
     df = pd.DataFrame.from_records(metrics_rows(run_dir))
     extra = {k: v for k, v in config.items() if k not in df.columns and k not in KEYS}
     for k, v in evals.items():
@@ -118,7 +115,7 @@ def load_run(run_dir: str) -> pd.DataFrame:
                    axis=1)
     df["run"] = name
     df.attrs = {"configs": {name: config}, "evals": {name: evals},
-                "meta": {name: read_json(os.path.join(run_dir, "meta.json"))},
+                "meta": {name: run.meta},
                 "dirs": {name: os.path.abspath(run_dir)}}
     return df
 
@@ -687,7 +684,7 @@ def training_curves(df: pd.DataFrame, max_panels: int = 12) -> plt.Figure:
                     ax.fill_between(steps, g.min().to_numpy(), g.max().to_numpy(), color=c, alpha=0.15, lw=0)
         handles.append((Line2D([], [], color=c, lw=2), label(fields, values)))
     for ax, m in zip(axes.flat, panels):
-        ax.set_title(TITLES.get(m, m), fontsize=9)
+        ax.set_title(metrics_lib.title(m), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels):]:
@@ -703,21 +700,17 @@ def training_curves(df: pd.DataFrame, max_panels: int = 12) -> plt.Figure:
 # ----------------------------------------------------------------------------------------
 # Ground-truth factors: disentanglement against strength, latent traversals, latent–factor MI.
 
-# eval.json `disentanglement` keys (columns dis_<key>) → titles, in figure order.
-DIS_SCORES = {"mig": "MIG", "factor_vae_score.eval_accuracy": "FactorVAE score",
-              "dci.disentanglement": "DCI disentanglement", "beta_vae_score.eval_accuracy": "BetaVAE score",
-              "dci.completeness": "DCI completeness", "dci.informativeness": "DCI informativeness",
-              "sap": "SAP", "modularity_explicitness.modularity": "modularity",
-              "modularity_explicitness.explicitness": "explicitness", "mig_sampling": "MIG (sampling)"}
+# eval.json `disentanglement` keys (columns dis_<key>) → titles, in figure order: the titles
+# each metric declares where it is registered (vaekl.disentanglement.metric).
+DIS_SCORES = disentanglement.score_titles()
 COLLAPSED_KL = 0.01  # nats: a latent dimension with less KL than this is marked collapsed
-FACTOR_DATASETS = ("dsprites", "tfds:dsprites", "shapes3d", "tfds:shapes3d")
 
 
 def has_factors(df: pd.DataFrame) -> bool:
-    """Whether the runs' data has ground-truth factors: a dSprites(-like) or Shapes3D dataset
-    in their configs, or disentanglement scores in an eval.json."""
+    """Whether the runs' data has ground-truth factors: a dataset whose source declares them
+    (:func:`vaekl.data.has_factors`) in their configs, or disentanglement scores in an eval.json."""
     table = run_table(df)
-    if "dataset" in table.columns and any(str(v).startswith(FACTOR_DATASETS) for v in table.dataset):
+    if "dataset" in table.columns and any(data.has_factors(str(v)) for v in table.dataset):
         return True
     return any(c.startswith(DIS_PREFIX) for c in df.columns)
 
@@ -748,14 +741,15 @@ def load_runs(dirs: Sequence[str], root: str | None = None) -> pd.DataFrame:
 
 
 def score_columns(df: pd.DataFrame) -> list[str]:
-    """The dis_<score> columns of :data:`DIS_SCORES` that hold a number for some run, in order."""
-    return [DIS_PREFIX + k for k in DIS_SCORES
+    """The dis_<score> columns of the registered metrics' scores (:data:`DIS_SCORES`, and those
+    of metrics registered since) that hold a number for some run, in order."""
+    return [DIS_PREFIX + k for k in disentanglement.score_titles()
             if DIS_PREFIX + k in df.columns and df[DIS_PREFIX + k].notna().any()]
 
 
 def _score_title(column: str) -> str:
     key = column[len(DIS_PREFIX):] if column.startswith(DIS_PREFIX) else column
-    return DIS_SCORES.get(key, TITLES.get(key, key))
+    return disentanglement.score_titles().get(key, metrics_lib.title(key))
 
 
 def _seed_points(ax, runs: pd.DataFrame, x: str | None, column: str, curve_fields: Sequence[str],
@@ -992,7 +986,7 @@ def disentanglement_along_training(df: pd.DataFrame, metrics: Sequence[str] = AL
 def kl_per_dim(run_dir: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(KL per latent dimension [d] in nats, Var_x E[z|x] per dimension [d]) of a run, from
     eval.json, else from the last test row of metrics.jsonl; None where neither has it."""
-    ev = read_json(os.path.join(run_dir, "eval.json"))
+    ev = runs_lib.Run(run_dir).eval
     test = [r for r in metrics_rows(run_dir) if r["split"] == "test"]
     last = max(test, key=lambda r: r["step"]) if test else {}
 

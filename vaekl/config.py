@@ -15,7 +15,7 @@ from vaekl import data, disentanglement, kl_estimators, regularizers, user_modul
 from vaekl.models.likelihoods import LIKELIHOODS
 from vaekl.models.priors import MIXTURES as MIXTURE_PRIORS
 from vaekl.models.priors import PRIORS
-from vaekl.models.vae import MODELS
+from vaekl.models import architectures
 from vaekl.models.networks import ACTIVATIONS
 
 BINARIZATIONS = ("none", "threshold", "dynamic", "fixed_stochastic")
@@ -40,7 +40,7 @@ def defaults(imports: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     c.validation_size = 0         # last training images held out as split "valid"; the best
     #                               checkpoint is chosen on it (none is ranked when 0)
     # Model.
-    c.model = "mlp"               # mlp | conv
+    c.model = "mlp"               # mlp | conv | any registered architecture (vaekl.models.architectures)
     c.encoder_hidden = (200, 200)
     c.decoder_hidden = (200, 200)
     c.activation = "tanh"
@@ -85,6 +85,10 @@ def defaults(imports: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     c.metric_names = ("mig", "factor_vae_score", "dci")  # the metrics along training (the report draws these)
     for name, field in regularizers.FIELDS.items():
         c[name] = field.default
+    for arch in architectures.REGISTRY.values():  # fields a user architecture adds
+        for name, default in arch.fields.items():
+            if default is not None and name not in c:
+                c[name] = default
     return c
 
 
@@ -179,7 +183,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.binarization == "static":
         raise ValueError("config.binarization='static' is ambiguous: use 'threshold' (x > ½) or "
                          "'fixed_stochastic' (one fixed Bernoulli draw, the literature's static MNIST)")
-    for field, choices in [("model", MODELS), ("posterior", ("diag", "full")), ("prior", PRIORS),
+    for field, choices in [("model", tuple(architectures.REGISTRY)), ("posterior", ("diag", "full")), ("prior", PRIORS),
                            ("likelihood", LIKELIHOODS), ("binarization", BINARIZATIONS),
                            ("lr_schedule", LR_SCHEDULES), ("activation", tuple(ACTIVATIONS)),
                            ("regularizer", tuple(regularizers.REGISTRY)),
@@ -187,7 +191,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _choice(config, field, choices)
     if not isinstance(config.dataset, str) or not config.dataset:
         raise ValueError(f"config.dataset={config.dataset!r} must be a dataset name")
-    if config.data_dir and config.dataset in data.FILELESS_SOURCES:  # as unread regularizer fields are
+    if config.data_dir and getattr(data.get_source(config.dataset), "files", "") == "none":  # as unread regularizer fields are
         raise ValueError(f"config.data_dir={config.data_dir!r} has no effect with dataset={config.dataset!r}, "
                          f"which reads no files; drop --config.data_dir, or name the dataset it holds "
                          f"(--config.dataset=npz, idx, dsprites_npz or a TFDS name)")
@@ -203,10 +207,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _at_least(config, "metric_every", 0, integer=True)
     if not isinstance(config.metric_options, str):
         raise ValueError(f"config.metric_options={config.metric_options!r} must be a JSON string")
-    unknown = [m for m in config.metric_names if m not in disentanglement.METRICS]
+    unknown = [m for m in config.metric_names if m not in disentanglement.representation_metrics()]
     if unknown or not config.metric_names:
         raise ValueError(f"config.metric_names={tuple(config.metric_names)!r}: choose one or more of "
-                         f"{tuple(disentanglement.METRICS)}")
+                         f"{disentanglement.representation_metrics()}")
     _at_least(config, "active_units_threshold", 0.0)
     _at_least(config, "iwae_k", 1, integer=True)
     _objective(config)

@@ -2,7 +2,8 @@
 
 Loading (host, NumPy) gives a :class:`Dataset` of uint8 images [N, H, W, C] in
 0..255 and int32 labels [N] (-1 where a source has none). :func:`load` picks the
-source by name:
+source by name from the registry of sources (:func:`source`; each declares whether it has
+ground-truth factors and whether it reads files):
 
   * ``"digits"``: scikit-learn's bundled 8×8 digits (1797 images, no download);
   * ``"idx"``: a directory in the original MNIST IDX layout (files optionally
@@ -14,8 +15,12 @@ source by name:
     ground-truth factors;
   * ``"dsprites_npz"``: the original ``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz``
     (path in ``data_dir``), with ground-truth factors;
-  * a name registered with :func:`register_source` (e.g. by a user module, see
-    :mod:`vaekl.user_modules`);
+  * a name registered with :func:`source` (e.g. by a user module, see
+    :mod:`vaekl.user_modules`)::
+
+        @data.source("stripes", files="none")
+        def stripes(data_dir, test_fraction, seed) -> data.Dataset: ...
+
   * ``"tfds:NAME"`` or any other name: a TFDS dataset already prepared in
     ``data_dir`` in the ``array_record`` format, read through ``tfds`` data
     sources (TensorFlow is neither needed nor imported; nothing is downloaded).
@@ -70,27 +75,26 @@ from vaekl import dsprites
 __all__ = [
     "BINARIZATION_SEEDS",
     "BINARIZE_MODES",
-    "BUILTIN_SOURCES",
-    "GROUND_TRUTH_SOURCES",
-    "FILELESS_SOURCES",
+    "SOURCES",
+    "Source",
     "GT_EVAL_TEST",
     "GT_EVAL_TRAIN",
     "Dataset",
     "binarize",
     "binarize_fixed",
     "binarize_threshold",
+    "for_config",
+    "get_source",
     "ground_truth_dataset",
+    "ground_truth_sources",
+    "has_factors",
     "load",
     "register_source",
+    "source",
     "sample_batch",
     "to_float",
 ]
 
-BUILTIN_SOURCES = ("digits", "idx", "npz")
-# Registered sources: name → loader(data_dir, test_fraction, seed) → Dataset (register_source).
-SOURCES: dict[str, Callable[[str | None, float, int], Dataset]] = {}
-GROUND_TRUTH_SOURCES = (*dsprites.VARIANTS, "dsprites_npz")
-FILELESS_SOURCES = ("digits", *dsprites.VARIANTS)  # built or rendered here: a data_dir is refused
 GT_EVAL_TRAIN = 2000  # fixed images in a ground-truth dataset's train_images (evaluation only)
 GT_EVAL_TEST = 5000  # ... and in its test_images
 _TFDS_PREFIX = "tfds:"
@@ -116,7 +120,7 @@ class _GroundTruthAttribute:
             return self
         if obj.ground_truth is None:
             raise AttributeError(f"dataset {obj.name!r} has no ground-truth factors, so no "
-                                 f"{self.name!r} (ground-truth sources: {GROUND_TRUTH_SOURCES}).")
+                                 f"{self.name!r} (ground-truth sources: {ground_truth_sources()}).")
         return getattr(obj.ground_truth, self.name)
 
 
@@ -210,12 +214,74 @@ class Dataset:
         return self.train_images, sample_batch
 
 
-def register_source(name: str, loader: Callable[[str | None, float, int], Dataset]) -> None:
-    """Makes ``config.dataset=name`` load ``loader(data_dir, test_fraction, seed)``, a
-    :class:`Dataset`; built-in names are refused."""
-    if name in BUILTIN_SOURCES or name in GROUND_TRUTH_SOURCES or name.startswith(_TFDS_PREFIX):
-        raise ValueError(f"dataset {name!r} is built in; register the source under another name")
-    SOURCES[name] = loader
+# ----------------------------------------------------------------------------------------
+# The registry of sources.
+
+Loader = Callable[[str | None, float, int], "Dataset"]  # (data_dir, test_fraction, seed) → Dataset
+FILES = ("none", "required", "optional")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A registered dataset source.
+
+    Attributes:
+      name: its ``config.dataset`` value.
+      load: (data_dir or None, test_fraction, seed) → :class:`Dataset`.
+      factors: whether its datasets have ground-truth factors (``Dataset.ground_truth``: the
+        disentanglement metrics and ``config.metric_every`` need them).
+      files: "none" (built or rendered here: a ``data_dir`` is refused), "required" (a
+        ``data_dir`` must name them) or "optional".
+      data_dir: what ``data_dir`` names, for the error when it is missing.
+    """
+
+    name: str
+    load: Loader
+    factors: bool = False
+    files: str = "optional"
+    data_dir: str = ""
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def source(name: str, *, factors: bool = False, files: str = "optional",
+           data_dir: str = "") -> Callable[[Loader], Loader]:
+    """Decorator: registers ``load(data_dir, test_fraction, seed) -> Dataset`` as dataset
+    ``name`` (see :class:`Source`); a name taken by another loader is refused."""
+    if files not in FILES:
+        raise ValueError(f"source {name!r}: files={files!r} is not one of {FILES}")
+    if name.startswith(_TFDS_PREFIX):
+        raise ValueError(f"dataset {name!r}: the prefix {_TFDS_PREFIX!r} is TFDS's")
+
+    def deco(load_fn: Loader) -> Loader:
+        old = SOURCES.get(name)
+        if old is not None and old.load is not load_fn:
+            raise ValueError(f"dataset {name!r} is registered already; register the source under another name")
+        SOURCES[name] = Source(name, load_fn, factors, files, data_dir)
+        return load_fn
+    return deco
+
+
+def register_source(name: str, loader: Loader, *, factors: bool = False, files: str = "optional") -> None:
+    """``source(name, ...)(loader)`` as a call."""
+    source(name, factors=factors, files=files)(loader)
+
+
+def get_source(name: str) -> Source | None:
+    """The registered source ``name`` (None: a TFDS name)."""
+    return SOURCES.get(name)
+
+
+def has_factors(name: str) -> bool:
+    """Whether dataset ``name`` has ground-truth factors (a source registered with them)."""
+    src = SOURCES.get(name)
+    return bool(src and src.factors)
+
+
+def ground_truth_sources() -> tuple[str, ...]:
+    """The registered sources with ground-truth factors."""
+    return tuple(n for n, s in SOURCES.items() if s.factors)
 
 
 def load(
@@ -234,8 +300,8 @@ def load(
         optionally prefixed ``"tfds:"`` (needed for TFDS ``"tfds:dsprites"``).
       data_dir: the IDX directory for ``"idx"``, the ``.npz`` path for ``"npz"``
         and ``"dsprites_npz"``, the TFDS data_dir for TFDS names (None: TFDS's
-        default); unused for digits and the rendered dSprites (:data:`FILELESS_SOURCES`, whose
-        configs :func:`vaekl.config.validate` refuses with a data_dir).
+        default); unused for digits and the rendered dSprites (sources with ``files="none"``,
+        whose configs :func:`vaekl.config.validate` refuses with a data_dir).
       test_fraction: fraction of images held out as test by sources without a
         test split (digits, TFDS dsprites, shapes3d, ...); ignored by the others.
       seed: seed of that holdout's permutation, and of the fixed evaluation
@@ -248,25 +314,13 @@ def load(
       FileNotFoundError: the files or the prepared TFDS dataset are missing.
       ValueError: unknown name, or malformed data (names what and where).
     """
-    if name in SOURCES:
-        return SOURCES[name](data_dir, test_fraction, seed)
-    if name == "digits":
-        return _load_digits(test_fraction, seed)
-    if name in ("idx", "npz"):
-        if data_dir is None:
-            raise ValueError(f"{name} dataset: data_dir must give the "
-                             f"{'directory of IDX files' if name == 'idx' else '.npz file'} "
-                             f"(--config.data_dir=PATH; the MNIST reproduction configs also read "
-                             f"$VAEKL_MNIST_NPZ).")
-        return _load_idx(data_dir) if name == "idx" else _load_npz(data_dir)
-    if name in dsprites.VARIANTS:
-        return ground_truth_dataset(name, dsprites.DSprites(name), seed)
-    if name == "dsprites_npz":
-        if data_dir is None:
-            raise ValueError("dsprites_npz dataset: data_dir must give the path of "
-                             "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz.")
-        return ground_truth_dataset(name, dsprites.load_npz(data_dir), seed)
-    return _load_tfds(name.removeprefix(_TFDS_PREFIX), data_dir, test_fraction, seed)
+    src = SOURCES.get(name)
+    if src is None:
+        return _load_tfds(name.removeprefix(_TFDS_PREFIX), data_dir, test_fraction, seed)
+    if src.files == "required" and data_dir is None:
+        raise ValueError(f"{name} dataset: data_dir must give {src.data_dir or 'its files'} "
+                         f"(--config.data_dir=PATH)")
+    return src.load(data_dir, test_fraction, seed)
 
 
 def for_config(config) -> Dataset:
@@ -333,6 +387,11 @@ def _holdout(
     perm = np.random.default_rng(seed).permutation(n)
     test, train = perm[:n_test], perm[n_test:]
     return Dataset(name, images[train], labels[train], images[test], labels[test])
+
+
+@source("digits", files="none")
+def _digits(data_dir: str | None, test_fraction: float, seed: int) -> Dataset:
+    return _load_digits(test_fraction, seed)
 
 
 def _load_digits(test_fraction: float, seed: int) -> Dataset:
@@ -433,6 +492,17 @@ def _load_npz(path: str) -> Dataset:
     return Dataset("npz", *splits["train"], *splits["test"])
 
 
+source("idx", files="required", data_dir="the directory of IDX files")(lambda d, f, seed: _load_idx(d))
+source("npz", files="required", data_dir="the .npz file (the MNIST reproduction configs also read "
+       "$VAEKL_MNIST_NPZ)")(lambda d, f, seed: _load_npz(d))
+for _name in dsprites.VARIANTS:  # rendered on the device from their factors
+    source(_name, factors=True, files="none")(
+        lambda d, f, seed, _name=_name: ground_truth_dataset(_name, dsprites.DSprites(_name), seed))
+source("dsprites_npz", factors=True, files="required",
+       data_dir="the path of dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz")(
+    lambda d, f, seed: ground_truth_dataset("dsprites_npz", dsprites.load_npz(d), seed))
+
+
 def _read_source(source: Sequence[dict[str, Any]], where: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads a random-access source of {'image': [H, W, C], 'label'?: int} records.
 
@@ -474,8 +544,8 @@ def _load_tfds(name: str, data_dir: str | None, test_fraction: float, seed: int)
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
-            f"Unknown dataset {name!r}: not a built-in source {BUILTIN_SOURCES}, not a ground-truth "
-            f"source {GROUND_TRUTH_SOURCES} and not a TFDS dataset (see tfds.list_builders()).") from None
+            f"Unknown dataset {name!r}: not a registered source {tuple(SOURCES)} and not a TFDS dataset "
+            f"(see tfds.list_builders()).") from None
     where_dir = data_dir if data_dir is not None else "(TFDS default)"
     hint = (f"run `tfds build {name} --data_dir={data_dir or '...'} --file_format=array_record` "
             f"on a machine with network and copy the directory here, or use dataset='idx'/'npz'")

@@ -51,6 +51,7 @@ Monte-Carlo entropies of :func:`mig_sampling` run jitted in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -70,10 +71,14 @@ LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vae
 __all__ = [
     "GroundTruthData",
     "METRICS",
+    "Metric",
     "OnDemand",
     "RepresentationTable",
     "representation_table",
     "encodings_needed",
+    "metric",
+    "representation_metrics",
+    "score_titles",
     "sample_sizes",
     "table_pays_off",
     "sample_codes_and_factors",
@@ -940,39 +945,93 @@ def gaussian_total_correlation_score(ground_truth_data: GroundTruthData,
 # --------------------------------------------------------------------------------------
 # All at once.
 
-METRICS: dict[str, Callable[..., dict[str, float]]] = {
-    "mig": mig,
-    "factor_vae_score": factor_vae_score,
-    "beta_vae_score": beta_vae_score,
-    "dci": dci,
-    "sap": sap,
-    "modularity_explicitness": modularity_explicitness,
-    "gaussian_total_correlation_score": gaussian_total_correlation_score,
-}
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A registered disentanglement metric.
+
+    Attributes:
+      name: its name (``config.metric_names``, eval.json's ``disentanglement`` keys).
+      fn: ``fn(ground_truth_data, representation, rng, **sizes) -> {output: value}``, reading
+        codes with :func:`sample_codes_and_factors` (on demand or from a table, counted for
+        the progress line); with ``posterior``, ``fn(ground_truth_data, posterior_fn, rng,
+        **sizes)``. Its keyword-only arguments and their defaults are its sample sizes
+        (:func:`sample_sizes`).
+      encodings: (its keyword arguments, factor_sizes) → the codes it asks for (progress, ETAs,
+        :func:`table_pays_off`).
+      titles: score key ("<metric>.<output>", or "<metric>" when the two agree) → its title in
+        reports and figures, the headline score first.
+      posterior: whether it needs the posterior q(z|x) (a posterior_fn), not only the means;
+        such metrics run only when asked for, and never from a table.
+    """
+
+    name: str
+    fn: Callable[..., dict[str, float]]
+    encodings: Callable[[Mapping[str, Any], Sequence[int]], int]
+    titles: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    posterior: bool = False
 
 
-# Codes each metric asks for, from its effective keyword arguments (for progress and ETAs,
-# and for :func:`table_pays_off`).
-_ENCODINGS: dict[str, Callable[[Mapping[str, Any], Sequence[int]], int]] = {
-    "mig": lambda a, _: a["num_train"],
-    "factor_vae_score": lambda a, _: a["num_variance_estimate"] + a["batch_size"] * (a["num_train"] + a["num_eval"]),
-    "beta_vae_score": lambda a, _: 2 * a["batch_size"] * (a["num_train"] + a["num_eval"]),
-    "dci": lambda a, _: a["num_train"] + a["num_test"],
-    "sap": lambda a, _: a["num_train"] + a["num_test"],
-    "modularity_explicitness": lambda a, _: a["num_train"] + a["num_test"],
-    "gaussian_total_correlation_score": lambda a, _: a["num_train"],
-    "mig_sampling": lambda a, sizes: math.prod(
-        -(-s // st) for s, st in zip(sizes, (a["grid_stride"],) * len(sizes)
-                                      if isinstance(a["grid_stride"], int) else a["grid_stride"])),
-}
+METRICS: dict[str, Metric] = {}  # in registration order: each metric's rng child follows it
+
+
+def metric(name: str, *, encodings: Callable[[Mapping[str, Any], Sequence[int]], int],
+           titles: Mapping[str, str] | None = None, posterior: bool = False) -> Callable:
+    """Decorator: registers ``fn`` as metric ``name`` (see :class:`Metric`); a user module adds
+    a metric with it, e.g.::
+
+        @disentanglement.metric("axis_score", encodings=lambda a, _: a["num_train"],
+                                titles={"axis_score": "axis score"})
+        def axis_score(ground_truth_data, representation, rng, *, num_train=1000):
+            codes, factors = sample_codes_and_factors(ground_truth_data, representation, num_train, rng)
+            return {"axis_score": value}
+    """
+    def deco(fn):
+        old = METRICS.get(name)
+        if old is not None and old.fn is not fn:
+            raise ValueError(f"metric {name!r} is registered already")
+        METRICS[name] = Metric(name, fn, encodings, dict(titles) if titles is not None else {name: name}, posterior)
+        return fn
+    return deco
+
+
+def representation_metrics() -> tuple[str, ...]:
+    """The metrics of the posterior means alone (every metric but those needing the posterior)."""
+    return tuple(n for n, m in METRICS.items() if not m.posterior)
+
+
+def score_titles() -> dict[str, str]:
+    """{score key: title} of every registered metric: headline scores first, in registry order."""
+    heads = [next(iter(m.titles.items())) for m in METRICS.values() if m.titles]
+    rest = [kv for m in METRICS.values() for kv in list(m.titles.items())[1:]]
+    return dict(heads + rest)
+
+
+_pairs = lambda a, _: a["num_train"] + a["num_test"]
+metric("mig", encodings=lambda a, _: a["num_train"], titles={"mig": "MIG"})(mig)
+metric("factor_vae_score", titles={"factor_vae_score.eval_accuracy": "FactorVAE score"},
+       encodings=lambda a, _: a["num_variance_estimate"] + a["batch_size"] * (a["num_train"] + a["num_eval"]))(
+    factor_vae_score)
+metric("beta_vae_score", titles={"beta_vae_score.eval_accuracy": "BetaVAE score"},
+       encodings=lambda a, _: 2 * a["batch_size"] * (a["num_train"] + a["num_eval"]))(beta_vae_score)
+metric("dci", encodings=_pairs, titles={"dci.disentanglement": "DCI disentanglement",
+                                        "dci.completeness": "DCI completeness",
+                                        "dci.informativeness": "DCI informativeness"})(dci)
+metric("sap", encodings=_pairs, titles={"sap": "SAP"})(sap)
+metric("modularity_explicitness", encodings=_pairs,
+       titles={"modularity_explicitness.modularity": "modularity",
+               "modularity_explicitness.explicitness": "explicitness"})(modularity_explicitness)
+metric("gaussian_total_correlation_score", encodings=lambda a, _: a["num_train"],
+       titles={})(gaussian_total_correlation_score)
+metric("mig_sampling", posterior=True, titles={"mig_sampling": "MIG (sampling)"},
+       encodings=lambda a, sizes: math.prod(
+           -(-s // st) for s, st in zip(sizes, (a["grid_stride"],) * len(sizes)
+                                         if isinstance(a["grid_stride"], int) else a["grid_stride"])))(mig_sampling)
 
 
 def _metric_fn(name: str) -> Callable[..., dict[str, float]]:
-    if name == "mig_sampling":
-        return mig_sampling
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; known: {list(METRICS) + ['mig_sampling']}")
-    return METRICS[name]
+        raise ValueError(f"unknown metric {name!r}; known: {list(METRICS)}")
+    return METRICS[name].fn
 
 
 def sample_sizes(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -989,20 +1048,18 @@ def sample_sizes(name: str, options: Mapping[str, Any] | None = None) -> dict[st
 def encodings_needed(name: str, factor_sizes: Sequence[int], options: Mapping[str, Any] | None = None) -> int:
     """How many codes metric ``name`` asks for (observations to encode on demand)."""
     kwargs = sample_sizes(name, options)
-    if name not in _ENCODINGS:
-        raise ValueError(f"metric {name!r} has no entry in disentanglement._ENCODINGS (codes it needs)")
-    return int(_ENCODINGS[name](kwargs, tuple(factor_sizes)))
+    return int(METRICS[name].encodings(kwargs, tuple(factor_sizes)))
 
 
 def table_pays_off(ground_truth_data: GroundTruthData, metrics: Sequence[str] | None = None,
                    options: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
     """Whether a :class:`RepresentationTable` is allowed (``deterministic_observations``) and
-    encodes fewer images than the metrics of :data:`METRICS` (or ``metrics``) ask for on demand
-    (``mig_sampling`` always encodes on demand and is not counted)."""
+    encodes fewer images than the metrics of :func:`representation_metrics` (or ``metrics``) ask
+    for on demand (metrics of the posterior always encode on demand and are not counted)."""
     if not getattr(ground_truth_data, "deterministic_observations", False):
         return False
     options = options or {}
-    names = [m for m in (metrics if metrics is not None else METRICS) if m != "mig_sampling"]
+    names = [m for m in (metrics if metrics is not None else METRICS) if not METRICS[m].posterior]
     demand = sum(encodings_needed(m, ground_truth_data.factor_sizes, options.get(m)) for m in names)
     return demand > math.prod(int(s) for s in ground_truth_data.factor_sizes)
 
@@ -1014,19 +1071,19 @@ def evaluate_all(ground_truth_data: GroundTruthData, representation_fn: Represen
                  progress_every: float | None = None) -> dict[str, dict[str, float]]:
     """{metric name: its dict} for every metric of :data:`METRICS` (or those in ``metrics``).
 
-    ``mig_sampling`` is added when ``posterior_fn`` is given. ``options[name]`` overrides
+    The metrics of the posterior (``mig_sampling``) are added when ``posterior_fn`` is given. ``options[name]`` overrides
     that metric's keyword defaults (e.g. ``{"dci": {"model": "random_forest"}}``). Each
     metric gets its own child of ``rng`` (``rng.spawn``, in the fixed order of
-    ``METRICS`` then ``mig_sampling``), so its value does not depend on which others run.
+    registration in ``METRICS``), so its value does not depend on which others run.
     ``representation_fn`` may be a :class:`RepresentationTable` (same scores, no encoding).
     With ``progress_every`` (seconds), each metric logs a line when it starts (the codes it
     needs) and then at most one per ``progress_every`` seconds: codes done, codes/s and the
     ETA of the metric's codes (after its last code a metric still fits its classifiers:
     seconds for the defaults, except ``dci`` with ``model="gbt"``), and its time when done.
     """
-    names = list(METRICS) + ["mig_sampling"]
+    names = list(METRICS)
     if metrics is None:
-        wanted = list(METRICS) + (["mig_sampling"] if posterior_fn is not None else [])
+        wanted = [n for n in names if posterior_fn is not None or not METRICS[n].posterior]
     else:
         wanted = list(metrics)
     unknown = [n for n in wanted if n not in names]
@@ -1038,8 +1095,9 @@ def evaluate_all(ground_truth_data: GroundTruthData, representation_fn: Represen
         raise ValueError(f"options for unknown metrics {bad}; known: {names}")
     for name in wanted:
         sample_sizes(name, options.get(name))  # unknown arguments fail before any work
-    if "mig_sampling" in wanted and posterior_fn is None:
-        raise ValueError("mig_sampling needs posterior_fn")
+    needy = [n for n in wanted if METRICS[n].posterior]
+    if needy and posterior_fn is None:
+        raise ValueError(f"{', '.join(needy)} needs posterior_fn")
     children = dict(zip(names, rng.spawn(len(names))))
     representation = _as_representation(representation_fn)
     source = "table" if isinstance(representation, RepresentationTable) else "encoded on demand"
@@ -1048,15 +1106,15 @@ def evaluate_all(ground_truth_data: GroundTruthData, representation_fn: Represen
         kwargs = dict(options.get(name, {}))
         total = encodings_needed(name, ground_truth_data.factor_sizes, kwargs)
         bar = progress_lib.Progress(f"[{i + 1}/{len(wanted)}] {name}", total, "codes", progress_every)
+        m = METRICS[name]
         if progress_every is not None:
             LOG.info("[%d/%d] %s: %s codes (%s)", i + 1, len(wanted), name, f"{total:,}",
-                         "grid posteriors, on demand" if name == "mig_sampling" else source)
-        if name == "mig_sampling":
-            out[name] = mig_sampling(ground_truth_data, posterior_fn, children[name], **kwargs)
+                     "posteriors, on demand" if m.posterior else source)
+        if m.posterior:
+            out[name] = m.fn(ground_truth_data, posterior_fn, children[name], **kwargs)
             bar.update(total)
         else:
-            out[name] = METRICS[name](ground_truth_data, _Counted(representation, bar), children[name],
-                                      **kwargs)
+            out[name] = m.fn(ground_truth_data, _Counted(representation, bar), children[name], **kwargs)
         bar.finish()
     return out
 
@@ -1080,7 +1138,7 @@ def evaluate_representation(ground_truth_data: GroundTruthData, representation_f
     """
     started = time.perf_counter()
     options = {k: dict(v) for k, v in (options or {}).items()}
-    names = list(metrics) if metrics is not None else list(METRICS)
+    names = list(metrics) if metrics is not None else list(representation_metrics())
     sizes = {name: sample_sizes(name, options.get(name)) for name in names}
     use = table_pays_off(ground_truth_data, names, options) if table is None else table
     rep = representation_fn

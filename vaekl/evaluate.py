@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 from jax.scipy.linalg import solve_triangular
 

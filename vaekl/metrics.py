@@ -25,14 +25,16 @@ class Metric:
     doc: str
     per_dim: bool = False
     integer: bool = False
+    title: str = ""  # in figures and reports, with its unit (e.g. "KL [nats]"); the name if empty
 
 
 REGISTRY: dict[str, Metric] = {}
 
 
-def declare(name: str, doc: str, per_dim: bool = False, integer: bool = False) -> Metric:
-    """Declares a metric (idempotent for an identical declaration)."""
-    m = Metric(name, doc, per_dim, integer)
+def declare(name: str, doc: str, per_dim: bool = False, integer: bool = False, title: str = "") -> Metric:
+    """Declares a metric (idempotent for an identical declaration); ``title`` is how figures
+    and reports name it."""
+    m = Metric(name, doc, per_dim, integer, title)
     old = REGISTRY.get(name)
     if old is not None and old != m:
         raise ValueError(f"metric {name!r} is declared twice, differently: {old} and {m}")
@@ -46,6 +48,12 @@ def get(name: str) -> Metric:
     except KeyError:
         raise KeyError(f"metric {name!r} is not declared (vaekl.metrics.declare); "
                        f"declared: {sorted(REGISTRY)}") from None
+
+
+def title(name: str) -> str:
+    """A metric's declared title; its name when it has none or is not declared."""
+    m = REGISTRY.get(name)
+    return m.title if m is not None and m.title else name
 
 
 def scalars(values: Mapping[str, Any]) -> list[str]:

@@ -157,7 +157,7 @@ class Regularizer:
       fields: the config fields it reads (declared in :data:`FIELDS`).
       paper: the definition's source.
       formula: the penalty, for the README table.
-      metrics: (name, doc) pairs it logs, declared in vaekl.metrics.
+      metrics: (name, doc) or (name, doc, title) it logs, declared in vaekl.metrics.
       init_aux: (key, latent_dim, static) → auxiliary parameters, or None.
       aux_optimizer: (static) → optax transformation for the auxiliary parameters; its learning
         rate field (per-run) is ``aux_lr_field``.
@@ -170,7 +170,7 @@ class Regularizer:
     fields: tuple[str, ...]
     paper: str
     formula: str = ""
-    metrics: tuple[tuple[str, str], ...] = ()
+    metrics: tuple[tuple[str, ...], ...] = ()
     init_aux: Callable | None = None
     aux_optimizer: Callable | None = None
     aux_lr_field: str | None = None
@@ -186,8 +186,8 @@ def register(reg: Regularizer) -> Regularizer:
     if unknown:
         raise ValueError(f"regularizer {reg.name!r} reads undeclared fields {unknown}; "
                          f"add them to vaekl.regularizers.FIELDS")
-    for name, doc in reg.metrics:
-        metrics_lib.declare(name, doc)
+    for name, doc, *title in reg.metrics:
+        metrics_lib.declare(name, doc, title=title[0] if title else "")
     REGISTRY[reg.name] = reg
     return reg
 
@@ -335,16 +335,16 @@ def _factor_optimizer(static):
 
 register(Regularizer(
     "kl", kl, _SCHEDULE_FIELDS, "Higgins et al. 2017 (β-VAE); Fu et al. 2019 (cyclical)",
-    "β·w(t)·KL", metrics=(("beta_weight", "w(t), the β schedule's multiplier"),),
+    "β·w(t)·KL", metrics=(("beta_weight", "w(t), the β schedule's multiplier", "β weight w(t)"),),
     swept="β ∈ {1, 2, 4, 6, 8, 16}"))
 register(Regularizer(
     "free_bits", free_bits, _SCHEDULE_FIELDS + ("free_bits",), "Kingma et al. 2016",
-    "β·w(t)·Σᵢ max(λ, KLᵢ)", metrics=(("beta_weight", "w(t), the β schedule's multiplier"),)))
+    "β·w(t)·Σᵢ max(λ, KLᵢ)", metrics=(("beta_weight", "w(t), the β schedule's multiplier", "β weight w(t)"),)))
 register(Regularizer(
     "capacity", capacity, ("capacity_max", "capacity_steps", "capacity_gamma",
                            "capacity_per_example"),
     "Burgess et al. 2018 (AnnealedVAE)", "γ·|KL − C(t)|",
-    metrics=(("capacity", "C(t), the capacity target in nats"),),
+    metrics=(("capacity", "C(t), the capacity target in nats", "capacity C [nats]"),),
     swept="C_max ∈ {5, 10, 25, 50, 75, 100}, γ = 1000"))
 register(Regularizer(
     "tcvae", tcvae, ("tc_alpha", "beta", "tc_gamma", "tc_estimator"), "Chen et al. 2018 (β-TCVAE)",

@@ -24,11 +24,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from vaekl import analysis, regularizers
+from vaekl.models import architectures
 from vaekl import runs as runs_lib
 
 
-MODEL_FIELDS = ("model", "encoder_hidden", "decoder_hidden", "conv_channels", "conv_hidden",
-                "activation", "posterior", "prior", "likelihood", "likelihood_sigma", "latent_dim")
+MODEL_FIELDS = ("model", "posterior", "prior", "likelihood", "likelihood_sigma", "latent_dim")  # + the architecture's
 OPTIMIZER_FIELDS = ("batch_size", "learning_rate", "lr_schedule", "num_steps")
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1360px;margin:1em auto;
@@ -130,10 +130,13 @@ def _regularizer_fields(name: str, columns: list[str]) -> list[str]:
 
 
 def _model_fields(constant: dict, varying: dict) -> list[str]:
-    """MODEL_FIELDS less the conv settings of MLP-only sweeps and σ of Bernoulli-only ones."""
-    conv = "model" in varying or constant.get("model") == "conv"
+    """MODEL_FIELDS with the fields of the sweep's architectures (vaekl.models.architectures)
+    after ``model``, less σ of Bernoulli-only sweeps."""
+    models = varying.get("model") or [constant.get("model", "mlp")]
+    arch = [f for m in models if m in architectures.REGISTRY for f in architectures.REGISTRY[m].fields]
     gauss = "likelihood" in varying or str(constant.get("likelihood", "")).startswith("gaussian")
-    return [f for f in MODEL_FIELDS if (conv or not f.startswith("conv_")) and (gauss or f != "likelihood_sigma")]
+    fields = ["model", *dict.fromkeys(arch), *MODEL_FIELDS[1:]]
+    return [f for f in fields if gauss or f != "likelihood_sigma"]
 
 
 def provenance(df: pd.DataFrame, path: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging as pylogging
@@ -38,7 +37,6 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
 
 import numpy as np
 from PIL import Image

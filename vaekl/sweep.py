@@ -28,6 +28,7 @@ import ml_collections
 
 from vaekl import config as config_lib
 from vaekl import data, loops, rundir, sharding, train, user_modules
+from vaekl.models import architectures
 
 LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
@@ -205,8 +206,8 @@ def bytes_per_run(config: ml_collections.ConfigDict, num_params: int, image_size
     """
 
     widths = sum(config.encoder_hidden) + sum(config.decoder_hidden) + 4 * config.latent_dim
-    if config.model == "conv":  # stride-2 layers: layer i's output has image_size / 4^(i+1) positions
-        widths += 2 * sum(image_size // 4 ** (i + 1) * c for i, c in enumerate(config.conv_channels))
+    extra = architectures.get(config.model).activation_floats  # e.g. the conv layers' outputs
+    widths += extra(config, image_size) if extra else 0
     act = (config.batch_size + config.eval_batch_size) * (3 * image_size + 2 * widths)
     tc = 2 * config.latent_dim * (config.batch_size ** 2 + loops.CPU_UNROLL_BATCHES * config.eval_batch_size ** 2)
     return 4 * (4 * num_params + 2 * act + tc)

@@ -10,8 +10,8 @@
 #   slice.json      β-TCVAE × 6 strengths × 2 seeds (one vmapped program), as many steps as fit,
 #                   evaluated (experiments/reproduce/locatello_gpu.py), plus runs.tgz (no checkpoints)
 #   timing.json     each part's wall time and exit status
-# --tiny runs every part at toy sizes on whatever device jax has (the test suite runs it on the
-# CPU so the script cannot rot). Never called by CI: a GPU is lent only to some sessions.
+# --tiny runs every part at toy sizes on whatever device jax has (tests/test_gpu_script.py runs it
+# on the CPU so the script cannot rot; the slice then trains a small MLP, not the conv VAE). Never called by CI: a GPU is lent only to some sessions.
 set -uo pipefail
 OUT=${1:?usage: run.sh OUTDIR [--tiny]}
 TINY=${2:-}
@@ -23,7 +23,7 @@ MNIST=${VAEKL_MNIST_NPZ:-.gpu_data/mnist_partial.npz}
 if [ "$TINY" = --tiny ]; then
   T_TESTS=120 T_STEP=240 T_TRAIN=120 T_SWEEP=240 T_SLICE=400
   TEST_SEL=(-k "run_map or impl_choice" tests/test_conv.py)
-  STEP_ARGS=(--rounds 1 --steps 1 --group 2) TRAIN_ARGS=(--steps 20) SWEEP_ARGS=(--steps 20 --grid "beta=1,4" --sequential_runs 1 --skip_local)
+  STEP_ARGS=(--rounds 1 --steps 1 --group 2 --group_modes sequential) TRAIN_ARGS=(--steps 20) SWEEP_ARGS=(--steps 20 --grid "beta=1,4" --sequential_runs 1 --skip_local)
   SLICE_ARGS=(--tiny)
 else
   T_TESTS=100 T_STEP=90 T_TRAIN=35 T_SWEEP=90 T_SLICE=300

@@ -57,7 +57,7 @@ import numpy as np
 from vaekl import analysis
 from vaekl import config as config_lib
 from vaekl import objectives
-from vaekl import runs as runs_lib
+from vaekl import rundir
 from vaekl import train
 from vaekl.cli import quiet_library_logs
 
@@ -218,7 +218,7 @@ def run(workdir: str, betas: Sequence[float], ks: Sequence[int], steps: int, see
            "settings": {"steps": steps, "learning_rate": learning_rate, "lr_schedule": "cosine",
                         "optimizer": "adam", "batch_size": batch_size, "seeds": list(seeds)},
            "summary": summary(records), "runs": records,
-           "command": command or runs_lib.provenance()["command"],
+           "command": command or rundir.provenance()["command"],
            "wall_minutes": (time.perf_counter() - start) / 60, "cpu_count": os.cpu_count()}
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(out, f, indent=2)

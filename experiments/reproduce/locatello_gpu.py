@@ -33,7 +33,8 @@ _OUT = flags.DEFINE_string("out", None, "The result JSON file.")
 _SECONDS = flags.DEFINE_float("seconds", 180.0, "Wall-time budget for calibration + training + evaluation.")
 _METHOD = flags.DEFINE_enum("method", "beta_tc_vae", list(locatello_dsprites.METHODS), "The study's method.")
 _SEEDS = flags.DEFINE_integer("seeds", 2, "Seeds per strength.")
-_TINY = flags.DEFINE_bool("tiny", False, "Toy sizes (2 strengths, 2 seeds, 10 steps, small metrics).")
+_TINY = flags.DEFINE_bool("tiny", False, "Toy sizes (2 strengths, 2 seeds, 10 steps, small metrics, a small "
+                         "MLP instead of the conv VAE): the pipeline, checked on a CPU.")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 500, "Steps per compiled call (and per log row).")
 _EVAL_SHARE = flags.DEFINE_float("eval_share", 0.6, "Fraction of the budget kept for the metrics and evaluation.")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -68,8 +69,13 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+# --tiny checks the pipeline, not the model: a small MLP compiles in seconds on a CPU.
+TINY_MODEL = ["--config.model=mlp", "--config.encoder_hidden=(32,)", "--config.decoder_hidden=(32,)",
+              "--config.batch_size=16", "--config.eval_batch_size=250"]
+
+
 def train(workdir: str, method: str, sweep: str, steps: int, log_every: int, every: int,
-          metric_every: int = 0, metric_options: dict | None = None) -> float:
+          metric_every: int = 0, metric_options: dict | None = None, tiny: bool = False) -> float:
     """Trains the sweep; with ``metric_every`` MIG, FactorVAE score and DCI along training
     (disentanglement.jsonl, sample sizes from ``metric_options`` over disentanglement_lib's)."""
     extra = [f"--config.metric_every={metric_every}"] if metric_every else []
@@ -78,7 +84,8 @@ def train(workdir: str, method: str, sweep: str, steps: int, log_every: int, eve
     return run([sys.executable, "-m", "launch.sweep", f"--config={CONFIG}:{method}", f"--sweep={sweep}",
                 "--backend=vmap", f"--workdir={workdir}", f"--config.num_steps={steps}",
                 f"--config.log_every={log_every}", f"--config.eval_every={every}",
-                f"--config.checkpoint_every={every}", "--config.num_images=16", *extra])
+                f"--config.checkpoint_every={every}", "--config.num_images=16", *extra,
+                *(TINY_MODEL if tiny else [])])
 
 
 def main(argv):
@@ -92,7 +99,7 @@ def main(argv):
 
     # Calibration: two logging intervals, the second one's rate is the steady state.
     cal_dir = os.path.join(workdir, "_calibration")
-    cal_seconds = train(cal_dir, method, sweep, 2 * log_every, log_every, 2 * log_every)
+    cal_seconds = train(cal_dir, method, sweep, 2 * log_every, log_every, 2 * log_every, tiny=tiny)
     rates = [locatello_summary.steady_seconds_per_1k_steps(d) for _, d in locatello_summary.find_runs(cal_dir)]
     rates = [r for r in rates if r]
     sec_per_step = (min(rates) / 1000) if rates else cal_seconds / (2 * log_every)
@@ -101,7 +108,7 @@ def main(argv):
     every = max(log_every, steps // 2 // log_every * log_every)  # metrics at 0, half way and the end
     runs_dir = os.path.join(workdir, method)
     train_seconds = train(runs_dir, method, sweep, steps, log_every, every, metric_every=every,
-                          metric_options=TINY_METRICS if tiny else CURVE_METRICS)
+                          metric_options=TINY_METRICS if tiny else CURVE_METRICS, tiny=tiny)
 
     eval_cmd = [sys.executable, "-m", "experiments.evaluate", f"--workdir={runs_dir}", "--checkpoint=latest",
                 "--num_samples=2", "--num_draws=2", "--batch_size=500", "--skip_done", "--nodisentanglement"]

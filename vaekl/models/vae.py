@@ -9,13 +9,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from vaekl.models import networks, posteriors
+from vaekl.models import architectures, posteriors
 from vaekl.models.gaussian import Gaussian, Mixture, standard_normal
 from vaekl.models.likelihoods import Likelihood
 from vaekl.models.priors import Prior
-
-MODELS = ("mlp", "conv")
-
 
 class VAE(nnx.Module):
     """A VAE assembled from parts; all methods are pure given the parameters.
@@ -60,25 +57,11 @@ class VAE(nnx.Module):
         return self.likelihood.mean(self.decode(self.encode(x).mean))
 
 
-def _networks(config: ml_collections.ConfigDict, image_shape: Sequence[int], rngs: nnx.Rngs):
-    k = config.latent_dim
-    if config.model == "mlp":
-        enc = networks.MLPEncoder(image_shape, config.encoder_hidden, config.activation, rngs=rngs)
-        dec = networks.MLPDecoder(k, config.decoder_hidden, image_shape, config.activation, rngs=rngs)
-    elif config.model == "conv":
-        enc = networks.ConvEncoder(image_shape, config.conv_channels, config.conv_hidden,
-                                   config.activation, rngs=rngs)
-        dec = networks.ConvDecoder(k, config.conv_channels, config.conv_hidden, image_shape,
-                                   config.activation, rngs=rngs)
-    else:
-        raise ValueError(f"unknown model {config.model!r}; choose from {MODELS}")
-    return enc, dec
-
-
 def make_vae(config: ml_collections.ConfigDict, image_shape: Sequence[int], key: jax.Array) -> VAE:
-    """Builds the VAE that ``config`` describes for images of ``image_shape`` (H, W, C)."""
+    """Builds the VAE that ``config`` describes for images of ``image_shape`` (H, W, C): the
+    encoder and decoder of architecture ``config.model`` (:mod:`vaekl.models.architectures`)."""
     rngs = nnx.Rngs(params=key)
-    enc, dec = _networks(config, tuple(image_shape), rngs)
+    enc, dec = architectures.get(config.model).build(config, tuple(image_shape), rngs)
     head = posteriors.GaussianHead(config.posterior, enc.features, config.latent_dim, rngs=rngs)
     prior = Prior(config.prior, config.latent_dim, config.get("prior_components", 1), image_shape,
                   jax.random.fold_in(key, 7))
