@@ -17,14 +17,27 @@ The package, bottom to top (each module imports only those before it):
   groups    members of a group, padding to the largest k, the group commit (fault_hook)
   loop      train_group / train_and_evaluate: the run loop with logging, checkpoints, resume
 
-The names below are re-exported so that ``from vaekl import train; train.create(...)`` reads
-as one API; the test hook ``fault_hook`` lives in :mod:`vaekl.train.groups`.
+The public names below are re-exported so that ``from vaekl import train; train.create(...)``
+reads as one API; the test hook ``fault_hook`` lives in :mod:`vaekl.train.groups`.
 """
 
-from vaekl.train.state import (OPTIMIZER_PER_RUN, TrainState, Optimizers, learning_rate_schedule, make_optimizer, static_settings, per_run_fields, hyperparameters, stack_hyperparameters, create, group_fields, group_key)
-from vaekl.train.step import (StepConfig, train_step, run_steps, steps_per_call, member_mode, step_binarization, EVAL_SPLITS, TRAIN_CURVE_SPLIT, EvalConfig, evaluate, eval_rows)
-from vaekl.train.programs import (Compiled, compile_fns, COMPILED_CACHE_SIZE, clear_compiled)
-from vaekl.train.groups import (pad_like, slice_like, Member, GROUP_COMMIT, fault, read_group_commit, member_rows, commit_group, drop_uncommitted, restore_start, agree_start)
-from vaekl.train.loop import (batch_source, dataset_size, prepare, train_group, check_batch_size, check_metrics, check_extension, placement_of, train_opened, train_and_evaluate, write_images)
+from vaekl.train import groups, loop, programs, state, step
+from vaekl.train.groups import GROUP_COMMIT, Member, pad_like, read_group_commit, slice_like
+from vaekl.train.loop import (batch_source, check_extension, check_metrics, dataset_size, prepare,
+                              train_and_evaluate, train_group, write_images)
+from vaekl.train.programs import COMPILED_CACHE_SIZE, Compiled, clear_compiled, compile_fns
+from vaekl.train.state import (OPTIMIZER_PER_RUN, Optimizers, TrainState, create, group_fields, group_key,
+                               hyperparameters, learning_rate_schedule, make_optimizer, per_run_fields,
+                               stack_hyperparameters, static_settings)
+from vaekl.train.step import (EVAL_SPLITS, TRAIN_CURVE_SPLIT, EvalConfig, StepConfig, eval_rows, evaluate,
+                              member_mode, run_steps, step_binarization, steps_per_call, train_step)
 
-__all__ = ["COMPILED_CACHE_SIZE", "Compiled", "EVAL_SPLITS", "EvalConfig", "GROUP_COMMIT", "Member", "OPTIMIZER_PER_RUN", "Optimizers", "StepConfig", "TRAIN_CURVE_SPLIT", "TrainState", "agree_start", "batch_source", "check_batch_size", "check_extension", "check_metrics", "clear_compiled", "commit_group", "compile_fns", "create", "dataset_size", "drop_uncommitted", "eval_rows", "evaluate", "fault", "group_fields", "group_key", "hyperparameters", "learning_rate_schedule", "make_optimizer", "member_mode", "member_rows", "pad_like", "per_run_fields", "placement_of", "prepare", "read_group_commit", "restore_start", "run_steps", "slice_like", "stack_hyperparameters", "static_settings", "step_binarization", "steps_per_call", "train_and_evaluate", "train_group", "train_opened", "train_step", "write_images"]
+__all__ = [
+    "COMPILED_CACHE_SIZE", "Compiled", "EVAL_SPLITS", "EvalConfig", "GROUP_COMMIT", "Member", "OPTIMIZER_PER_RUN",
+    "Optimizers", "StepConfig", "TRAIN_CURVE_SPLIT", "TrainState", "batch_source", "check_extension",
+    "check_metrics", "clear_compiled", "compile_fns", "create", "dataset_size", "eval_rows", "evaluate",
+    "group_fields", "group_key", "groups", "hyperparameters", "learning_rate_schedule", "loop", "make_optimizer",
+    "member_mode", "pad_like", "per_run_fields", "prepare", "programs", "read_group_commit", "run_steps",
+    "slice_like", "stack_hyperparameters", "state", "static_settings", "step", "step_binarization",
+    "steps_per_call", "train_and_evaluate", "train_group", "train_step", "write_images",
+]

@@ -80,13 +80,22 @@ def _program_key(config, graphdef, vmapped, draw, dataset_size, placement, membe
     return key
 
 
+def program_members(config, placement: sharding.Placement | None) -> str:
+    """How the program combines a group's members: the architecture's choice
+    (:func:`vaekl.train.step.member_mode`: one after another for conv models on the CPU) on
+    one device, with or without a placement; vmapped when a placement spreads them over
+    several devices (the run axis is then split by the mesh)."""
+    if placement is None or placement.devices == 1:
+        return member_mode(config)
+    return "vmap"
+
+
 def _compile_fns(config, graphdef, tx, vmapped, draw, dataset_size, placement, members=None) -> Compiled:
     """:func:`compile_fns` without its cache."""
     if placement is not None and placement.data_axis > 1:
         draw = sharding.shard_batch(draw, placement.batch_sharding)
     spmd = sharding.RUNS if placement is not None else None
-    # A placement shards the run axis over devices: there the members stay vmapped.
-    mode = members or (member_mode(config) if placement is None else "vmap")
+    mode = members or program_members(config, placement)
 
     def static(arrays):
         n = dataset_size if dataset_size is not None else jax.tree.leaves(arrays)[0].shape[0]
