@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vaekl import rundir
 from vaekl import runs as runs_lib
 
 ROWS = {"kl_estimators": "kl_estimator", "priors": "prior", "iwae_objective": "iwae_k"}
@@ -40,16 +41,12 @@ def define_flags() -> None:
 
 
 def _read(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
-    path = os.path.join(run_dir, "eval.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run python -m experiments.evaluate --workdir={run_dir}")
-    with open(path) as f:
-        ev = json.load(f)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        curve = [(r["step"], float(r["neg_elbo"])) for r in map(json.loads, f) if r["split"] == "test"]
-    return {"run": os.path.basename(run_dir), "config": config, "eval": ev, "curve": sorted(curve)}
+    run = runs_lib.Run(run_dir)
+    if not run.eval:
+        raise FileNotFoundError(f"{run.file(rundir.EVAL)} is missing or unreadable: run python -m "
+                                f"experiments.evaluate --workdir={run_dir}")
+    curve = [(r["step"], float(r["neg_elbo"])) for r in run.metrics() if r["split"] == "test"]
+    return {"run": run.name, "config": run.config_json, "eval": run.eval, "curve": sorted(curve)}
 
 
 def steps_to(curve: list[tuple[int, float]], target: float) -> float:

@@ -32,7 +32,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from experiments.reproduce import locatello_summary
-from vaekl import analysis, trajectory
+from vaekl import trajectory
+from vaekl import runs as runs_lib
 
 SCORES = locatello_summary.SCORES            # result key → disentanglement.jsonl key
 TITLES = locatello_summary.SCORE_TITLES
@@ -45,7 +46,7 @@ def read_slice(runs_dir: str) -> list[dict]:
     """One record per run: method, strength, seed, its along-training rows and sample sizes."""
     out = []
     for method, run_dir in locatello_summary.find_runs(runs_dir):
-        config = analysis.read_json(os.path.join(run_dir, "config.json"))
+        config = runs_lib.Run(run_dir).config_json
         field = locatello_summary.locatello_dsprites.METHODS[method][1]
         rows = sorted(trajectory.read(run_dir), key=lambda r: r["step"])
         if not rows:

@@ -42,7 +42,8 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from experiments.reproduce import locatello_dsprites
-from vaekl import analysis
+from vaekl import analysis, rundir
+from vaekl import runs as runs_lib
 
 NAME = "locatello_dsprites"
 TITLES = {"beta_vae": "β-VAE", "annealed_vae": "AnnealedVAE", "factor_vae": "FactorVAE",
@@ -85,7 +86,7 @@ PUBLISHED = {
 
 def _method(run_dir: str, parent: str) -> str | None:
     """The method of a run: from its config, else from the directory it sits in."""
-    config = analysis.read_json(os.path.join(run_dir, "config.json"))
+    config = runs_lib.Run(run_dir).config_json
     try:
         return locatello_dsprites.method_of(ml_collections.ConfigDict(config))
     except (ValueError, KeyError, AttributeError):
@@ -99,7 +100,7 @@ def find_runs(runs_dir: str) -> list[tuple[str, str]]:
         path = os.path.join(runs_dir, entry)
         if not os.path.isdir(path) or entry.startswith("."):
             continue
-        if os.path.exists(os.path.join(path, "config.json")):
+        if runs_lib.Run(path).exists():
             dirs, parent = [path], os.path.basename(os.path.normpath(runs_dir))
         else:
             dirs, parent = analysis.run_dirs(path), entry
@@ -125,10 +126,10 @@ def read_run(method: str, run_dir: str, runs_dir: str) -> dict:
     Numbers come from eval.json; a run without one keeps its last test evaluation in
     metrics.jsonl for the KL (``kl_source``) and has no scores.
     """
-    config = analysis.read_json(os.path.join(run_dir, "config.json"))
-    ev = analysis.read_json(os.path.join(run_dir, "eval.json"))
+    run = runs_lib.Run(run_dir)
+    config, ev = run.config_json, run.eval
     last = _last_test_row(run_dir)
-    source, src = ("eval.json", ev) if ev else ("metrics.jsonl", last)
+    source, src = (rundir.EVAL, ev) if ev else (rundir.METRICS, last)
     _, field, _, _ = locatello_dsprites.METHODS[method]
     dis = {k: float(v) for k, v in (ev.get("disentanglement") or {}).items() if _float(v) is not None}
     rec = {"method": method, "run": os.path.relpath(run_dir, runs_dir), "strength_field": field,
@@ -207,8 +208,8 @@ def cost(runs_dir: str, records: Sequence[dict]) -> dict:
         train = 0.0
         for r in records:
             d = os.path.join(runs_dir, r["run"])
-            start = os.path.getmtime(os.path.join(d, "config.json"))
-            end = os.path.join(d, "samples.png")
+            start = os.path.getmtime(os.path.join(d, rundir.CONFIG))
+            end = os.path.join(d, rundir.SAMPLES)
             if os.path.exists(end):
                 train += os.path.getmtime(end) - start
         timing = {"train_seconds": train}

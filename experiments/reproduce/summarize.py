@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from experiments.reproduce import locatello_curves, locatello_summary
-from vaekl import analysis
+from vaekl import analysis, rundir
 from vaekl import runs as runs_lib
 
 _RUNS = flags.DEFINE_string("runs", "runs", "Directory holding the reproduction runs.")
@@ -46,9 +46,9 @@ GPU_SLICE_NAME = "locatello_beta_tc_vae_gpu"  # written by experiments.reproduce
 START, END = "<!-- reproductions:start -->", "<!-- reproductions:end -->"
 
 
-def wall_minutes(*run_dirs: str, end_file: str = "samples.png") -> float:
+def wall_minutes(*run_dirs: str, end_file: str = rundir.SAMPLES) -> float:
     """Minutes from the first run's config.json to the last run's ``end_file`` (file times)."""
-    starts = [os.path.getmtime(os.path.join(d, "config.json")) for d in run_dirs]
+    starts = [os.path.getmtime(os.path.join(d, rundir.CONFIG)) for d in run_dirs]
     ends = [os.path.getmtime(os.path.join(d, end_file)) for d in run_dirs
             if os.path.exists(os.path.join(d, end_file))]
     return (max(ends) - min(starts)) / 60 if ends else float("nan")
@@ -74,11 +74,11 @@ def _eval_minutes_per_seed(run_dirs: list[str], evals: list[dict]) -> dict:
     if all("eval_seconds" in e for e in evals):
         return {"eval_minutes": float(np.mean([e["eval_seconds"] for e in evals])) / 60,
                 "eval_minutes_source": "eval.json eval_seconds"}
-    ends = sorted(os.path.getmtime(os.path.join(d, "eval.json")) for d in run_dirs)
+    ends = sorted(os.path.getmtime(os.path.join(d, rundir.EVAL)) for d in run_dirs)
     if len(ends) > 1:
         return {"eval_minutes": float(np.mean(np.diff(ends))) / 60,
                 "eval_minutes_source": "gaps between successive eval.json file times"}
-    return {"eval_minutes": wall_minutes(*run_dirs, end_file="eval.json") - wall_minutes(*run_dirs),
+    return {"eval_minutes": wall_minutes(*run_dirs, end_file=rundir.EVAL) - wall_minutes(*run_dirs),
             "eval_minutes_source": "end of training to eval.json (file times)"}
 
 
@@ -89,11 +89,11 @@ def iwae(runs: str, out: str) -> dict | None:
     sweep = os.path.join(runs, "iwae_vae")
     if not os.path.isdir(sweep):
         return None
-    run_dirs = sorted(d for d in _sweep_runs(sweep) if os.path.exists(os.path.join(d, "eval.json")))
+    run_dirs = sorted(d for d in _sweep_runs(sweep) if os.path.exists(os.path.join(d, rundir.EVAL)))
     if not run_dirs:
         return None
-    evals = [json.load(open(os.path.join(d, "eval.json"))) for d in run_dirs]
-    cfgs = [json.load(open(os.path.join(d, "config.json"))) for d in run_dirs]
+    evals = [runs_lib.Run(d).eval for d in run_dirs]
+    cfgs = [runs_lib.Run(d).config_json for d in run_dirs]
     train_images = 24345 - cfgs[0].get("validation_size", 0)
     per_seed = [{"seed": c["seed"], "nll": e["nll"], "nll_se": e.get("nll_se"), "neg_elbo": e["neg_elbo"],
                  "active_units": e["active_units"], "step": e["step"]} for c, e in zip(cfgs, evals)]
