@@ -535,7 +535,7 @@ def test_slice_curves_verdicts_and_the_study_page(tmp_path):
     assert lo <= v["seed_vs_method"]["ratio"] <= hi and v["seed_vs_method"]["verdict"] == "not supported"
     md = summarize.locatello_md({"locatello_slice": r})
     assert "## Disentanglement along training" in md and "locatello_slice_cpu.png" in md
-    assert "1.00 h of a 2-core CPU machine" in md and "| β-TCVAE | β = 6 | 0.011" in md
+    assert "1.00 h of a 2-core CPU machine for training and the metrics along it in the script's last invocation" in md and "| β-TCVAE | β = 6 | 0.011" in md
     assert "Best median MIG at step 1,000: β-TCVAE 0.131 (β = 6) vs β-VAE 0.051 (β = 4): **supported**" in md
     assert "β-TCVAE's MIG 0.45 at 300,000+ steps, tuned; ours 0.131" in md and "**not reached at this length**" in md
     assert os.path.getsize(os.path.join(out, "locatello_slice_cpu.png")) > 1000

@@ -421,7 +421,8 @@ def locatello_md(results: dict[str, dict | None]) -> str | None:
         r = results["locatello_slice"]
         t = r.get("timing") or {}
         compute = (f"{t['train_seconds'] / 3600:.2f} h of a 2-core CPU machine for training and the metrics along "
-                   f"it ({t.get('models', r['runs']):g} models, two launchers each pinned to one core)"
+                   f"it in the script's last invocation ({t.get('models', r['runs']):g} models, two launchers each "
+                   f"pinned to one core; timing.txt: a resumed slice counts only what that invocation trained)"
                    if t.get("train_seconds") else "compute not recorded (no timing.txt)")
         slices.append(locatello_curves.markdown(r, "CPU slice (`bash experiments/reproduce/locatello_slice_cpu.sh`)",
                                                 f"{SLICE_NAME}.png", compute))
