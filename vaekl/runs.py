@@ -24,7 +24,7 @@ from typing import Any
 from flax import nnx
 import ml_collections
 
-from vaekl import checkpoints, data, rundir, train
+from vaekl import checkpoints, data, rundir, train, trajectory
 
 __all__ = ["Run", "Trained", "find", "json_object", "load"]
 
@@ -107,8 +107,7 @@ class Run:
 
     def along_training(self) -> list[dict]:
         """disentanglement.jsonl's rows in step order (metrics along training; [] if none)."""
-        rows = rundir.MetricsLog(self.file(rundir.DISENTANGLEMENT)).read()
-        return sorted(rows, key=lambda r: r["step"])
+        return trajectory.read(self.path)
 
     @property
     def latest_checkpoint(self) -> int | None:
