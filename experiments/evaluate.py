@@ -28,6 +28,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory, or a sweep dir
 _K = flags.DEFINE_integer("num_samples", 5000, "Importance samples K per test example.")
 _CHUNK = flags.DEFINE_integer("chunk", 100, "Samples per chunk (memory is bounded by chunk × batch).")
 _BATCH = flags.DEFINE_integer("batch_size", 100, "Test examples per batch.")
+_NLL_N = flags.DEFINE_integer("nll_examples", 0, "The NLL on the first N test examples only (0: all); "
+                              "the other numbers use every test example.")
 _WHICH = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to evaluate.")
 _DRAWS = flags.DEFINE_integer("num_draws", 10, "z draws per example for the KL decomposition (>= 2).")
 _DIS = flags.DEFINE_bool("disentanglement", True, "Disentanglement metrics on datasets with factors.")
@@ -69,7 +71,8 @@ def main(argv):
                                   dci_model=_DCI.value,
                                   metric_options=json.loads(_OPTIONS.value) if _OPTIONS.value else None,
                                   representation_table={"auto": None, "always": True,
-                                                        "never": False}[_TABLE.value])
+                                                        "never": False}[_TABLE.value],
+                                  nll_examples=_NLL_N.value)
         elapsed = time.perf_counter() - start
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
         LOG.info("%s (step %d): NLL %.3f ± %.3f (K=%d)  -ELBO %.3f  KL %.3f = MI %.3f + TC %.3f + "

@@ -266,3 +266,11 @@ def test_evaluate_run_writes_eval_json(tmp_path):
     assert abs(r["kl_identity_gap"]) < 4 * r["kl_identity_gap_se"] + 1e-5
     assert abs(r["mutual_info"] + r["marginal_kl"] - r["kl"]) < 4 * r["kl_identity_gap_se"] + 1e-4
     assert r["marginal_kl"] > -4 * r["marginal_kl_se"]
+    assert r["nll_num_test"] == r["num_test"]
+    # the NLL alone on a subset of the test set; every other number unchanged
+    sub = evaluate.evaluate_run(workdir, num_samples=100, chunk=50, batch_size=128, nll_examples=40)
+    assert sub["nll_num_test"] == 40 and sub["num_test"] == r["num_test"] and sub["nll"] != r["nll"]
+    assert {k: v for k, v in sub.items() if not k.startswith("nll") and k != "eval_seconds"} == \
+        {k: v for k, v in r.items() if not k.startswith("nll") and k != "eval_seconds"}
+    with pytest.raises(ValueError, match="nll_examples must be >= 0"):
+        evaluate.evaluate_run(workdir, nll_examples=-1)

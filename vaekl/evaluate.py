@@ -269,7 +269,7 @@ def disentanglement_scores(ds: data.Dataset, graphdef, params, seed: int = 0,
 def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_size: int = 100,
                  which: str = "best", seed: int = 0, num_draws: int = 10, disentanglement: bool = True,
                  dci_model: str = "random_forest", metric_options: dict | None = None,
-                 representation_table: bool | None = None) -> dict:
+                 representation_table: bool | None = None, nll_examples: int = 0) -> dict:
     """Evaluates a run's best (or latest) checkpoint on its test split; writes eval.json.
 
     The test images are those of training's evaluations (:func:`vaekl.train.prepare`): a
@@ -285,10 +285,14 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     (:func:`disentanglement_scores`, with ``disentanglement=True``), with the sample sizes used,
     whether the codes came from a table of the grid (``representation_table``: None when it
     pays off) and its times. ``eval_seconds``: the
-    wall time of this evaluation, compilation included.
+    wall time of this evaluation, compilation included. ``nll_examples`` > 0: the NLL (only it)
+    on the first that many test examples (``nll_num_test`` in the file), e.g. K = 5000 on a
+    subset when the whole test set would take too long; 0: all of them.
     """
     if num_draws < 2:
         raise ValueError(f"num_draws must be at least 2 (for the standard errors), got {num_draws}")
+    if nll_examples < 0:
+        raise ValueError(f"nll_examples must be >= 0 (0: every test example), got {nll_examples}")
     started = time.perf_counter()
     config = load_config(workdir)
     ds = data.for_config(config)
@@ -307,20 +311,22 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     @jax.jit
     def nll_and_decomposition(params, x):
         model = nnx.merge(graphdef, params)
-        ll = test_log_likelihood(model, x, jax.random.fold_in(key, 3), num_samples, chunk, batch_size)
+        x_nll = x[:nll_examples] if nll_examples else x
+        ll = test_log_likelihood(model, x_nll, jax.random.fold_in(key, 3), num_samples, chunk, batch_size)
         p = model.prior_distribution()
         if gaussian.is_mixture(p):  # mog, vamp: no closed form and no marginals here
             names = ("index_code_mi", *DECOMPOSITION_TERMS, "identity_gap")
             dec = {n + se: jnp.float32(jnp.nan) for n in names for se in ("", "_se")}
         else:
             dec = kl_decomposition(model.encode(x), p, jax.random.fold_in(key, 4), num_draws)
-        return -ll.mean(), ll.std(ddof=1) / math.sqrt(x.shape[0]), dec
+        return -ll.mean(), ll.std(ddof=1) / math.sqrt(x_nll.shape[0]), dec
 
     nll, nll_se, dec = jax.device_get(nll_and_decomposition(state.params, x))
     evaluated = metrics_lib.row(step, "test", jax.device_get(stats))  # every declared metric
     result = {k: v for k, v in evaluated.items() if k != "split"}
     result.update({
         "nll": float(nll), "nll_se": float(nll_se), "num_samples": num_samples,
+        "nll_num_test": int(min(nll_examples, test.shape[0]) if nll_examples else test.shape[0]),
         **{name + se: float(dec[name + se]) for name in ("index_code_mi", *DECOMPOSITION_TERMS)
            for se in ("", "_se")},
         "kl_identity_gap": float(dec["identity_gap"]), "kl_identity_gap_se": float(dec["identity_gap_se"]),

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import json
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +153,7 @@ def analyze_run(run_dir: str, steps: Sequence[int] | None = None, num_draws: int
                 estimators: Sequence[str] = kl_estimators.ESTIMATORS, chunk: int = 16) -> dict:
     """:func:`measure` at each of ``steps`` (default: every kept checkpoint) of a run, on the
     same test batch and keys: {run_dir, num_draws, batch_size, seed, estimators, checkpoints:
-    [{step, <estimator>: …, ratio: …}]}. A mixture prior (mog, vamp) has no analytic
+    [{step, <estimator>: …, ratio: …}], seconds (wall time)}. A mixture prior (mog, vamp) has no analytic
     estimator: only mc and stl are measured, without ratios."""
     if rundir.read_config(run_dir).prior in MIXTURES:  # no closed form to compare with
         estimators = [e for e in estimators if e != "analytic"]
@@ -163,6 +164,7 @@ def analyze_run(run_dir: str, steps: Sequence[int] | None = None, num_draws: int
     steps = checkpoint_steps(run_dir) if steps is None else list(steps)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    started = time.perf_counter()
     x = jnp.asarray(test_batch(run_dir, batch_size))
     key = jax.random.key(seed)
     rows = []
@@ -171,7 +173,8 @@ def analyze_run(run_dir: str, steps: Sequence[int] | None = None, num_draws: int
         rows.append({"step": run.step, **measure(run.graphdef, run.params, x, key, num_draws,
                                                  estimators, chunk)})
     return {"run_dir": os.path.abspath(run_dir), "num_draws": num_draws, "batch_size": int(x.shape[0]),
-            "seed": seed, "estimators": list(estimators), "checkpoints": rows}
+            "seed": seed, "estimators": list(estimators), "checkpoints": rows,
+            "seconds": time.perf_counter() - started}
 
 
 def figure(result: dict):

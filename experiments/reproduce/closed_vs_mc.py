@@ -1,4 +1,4 @@
-r"""Issue 21's reproduction rows from their run directories → ROW.json (and a one-line table).
+r"""Issue 21's reproduction rows from their run directories → ROW.json, ROW.png (and a table).
 
     python -m experiments.reproduce.closed_vs_mc --row=kl_estimators --row_runs=runs/kl_estimators
     python -m experiments.reproduce.closed_vs_mc --row=priors --row_runs=runs/priors
@@ -10,7 +10,10 @@ max over the seeds of the test −ELBO, the importance-weighted NLL, the active 
 steps to reach a fixed test −ELBO (``--target``; default the largest final test −ELBO among
 the runs, so that every run reaches it; a run that never does counts as NaN). Writes
 --out/closed_vs_mc_ROW.json (configs in experiments/reproduce/mnist_{kl_estimators,priors,
-iwae_objective}.py).
+iwae_objective}.py), with the test −ELBO curves per group in closed_vs_mc_ROW.png and the
+published claim the row tests (:data:`PUBLISHED`) with a verdict read from the numbers.
+``gradient_variance(run_dirs)`` gathers experiments.gradient_variance's files of several seeds
+into one result (ratios to the analytic estimator per checkpoint: mean and range over seeds).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ import os
 
 from absl import app
 from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from vaekl import rundir
@@ -28,6 +35,16 @@ from vaekl import runs as runs_lib
 
 ROWS = {"kl_estimators": "kl_estimator", "priors": "prior", "iwae_objective": "iwae_k"}
 METRICS = ("neg_elbo", "nll", "active_units", "steps_to_target")
+# What each row's paper published (their architecture, data and schedule: the direction is the claim).
+PUBLISHED = {
+    "kl_estimators": "Kingma & Welling 2014: the analytic KL (estimator B) has lower variance than the "
+                     "one-draw MC KL (estimator A) and trains at least as well; Roeder et al. 2017: STL's "
+                     "gradient variance is lower still near convergence",
+    "priors": "Tomczak & Welling 2018, Table 2 (one stochastic layer, dynamic MNIST): standard normal "
+              "88.56 → VampPrior 85.57 nats",
+    "iwae_objective": "Burda et al. 2016, Table 1 (one stochastic layer): VAE (k = 1) 86.76, IWAE k = 5 "
+                      "85.54, k = 50 84.78 nats; the active units grow with k (19 at k = 1)",
+}
 
 
 
@@ -74,9 +91,10 @@ def summarize(runs_dir: str, row: str, target: float | None = None) -> dict:
         target = max(r["curve"][-1][1] for r in runs)
     groups: dict = {}
     for r in runs:
-        g = groups.setdefault(str(r["config"][field]), {"seeds": [], "runs": [], "values": []})
+        g = groups.setdefault(str(r["config"][field]), {"seeds": [], "runs": [], "values": [], "curves": []})
         g["seeds"].append(r["config"]["seed"])
         g["runs"].append(r["run"])
+        g["curves"].append(r["curve"])
         g["values"].append({"neg_elbo": r["eval"]["neg_elbo"], "nll": r["eval"]["nll"],
                             "active_units": r["eval"]["active_units"],
                             "steps_to_target": steps_to(r["curve"], target)})
@@ -86,7 +104,108 @@ def summarize(runs_dir: str, row: str, target: float | None = None) -> dict:
             g[m] = _stats([v[m] for v in values])
     steps = {r["config"]["num_steps"] for r in runs}
     return {"row": row, "field": field, "target_neg_elbo": float(target), "num_steps": sorted(steps),
-            "num_samples": sorted({r["eval"].get("num_samples") for r in runs}), "groups": groups}
+            "num_samples": sorted({r["eval"].get("num_samples") for r in runs}),
+            "nll_num_test": sorted({r["eval"].get("nll_num_test", r["eval"].get("num_test")) for r in runs}),
+            "groups": groups, "published": PUBLISHED[row]}
+
+
+def _mean(result: dict, group: str, metric: str) -> float:
+    return result["groups"][group][metric]["mean"] if group in result["groups"] else math.nan
+
+
+def verdict(result: dict) -> dict:
+    """The published direction checked on the row's means: {claim, holds (bool or None when a
+    group is missing), detail}."""
+    row, g = result["row"], result["groups"]
+    nll = lambda v: _mean(result, v, "nll")  # noqa: E731
+    if row == "kl_estimators":
+        ok = [v for v in ("analytic", "mc") if v in g]
+        holds = None if len(ok) < 2 else bool(nll("analytic") <= nll("mc"))
+        detail = (f"NLL analytic {nll('analytic'):.2f} vs mc {nll('mc'):.2f} vs stl {nll('stl'):.2f}; "
+                  f"trains at least as well with the closed form: {holds}")
+    elif row == "priors":
+        holds = None if not {"std_normal", "vamp"} <= set(g) else bool(nll("vamp") < nll("std_normal"))
+        detail = (f"NLL std_normal {nll('std_normal'):.2f}, mog {nll('mog'):.2f}, vamp {nll('vamp'):.2f}; "
+                  f"VampPrior below N(0, I): {holds}")
+    else:
+        ks = sorted(g, key=int)
+        nlls = [nll(k) for k in ks]
+        aus = [_mean(result, k, "active_units") for k in ks]
+        holds = None if len(ks) < 2 else bool(all(a > b for a, b in zip(nlls, nlls[1:])) and
+                                               all(a <= b for a, b in zip(aus, aus[1:])))
+        detail = (f"NLL for k = {', '.join(ks)}: {', '.join(f'{v:.2f}' for v in nlls)}; active units "
+                  f"{', '.join(f'{v:g}' for v in aus)}; NLL falls and AU do not fall as k grows: {holds}")
+    return {"claim": PUBLISHED[row], "holds": holds, "detail": detail}
+
+
+def figure(result: dict):
+    """Test −ELBO against the step per group: mean over seeds and the min–max band."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for value, g in result["groups"].items():
+        steps = sorted(set.intersection(*(set(s for s, _ in c) for c in g["curves"])))
+        vals = np.array([[dict(c)[s] for s in steps] for c in g["curves"]])
+        ax.plot(steps, vals.mean(0), label=f"{result['field']}={value} ({len(g['curves'])} seeds)")
+        ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.25)
+    lo = min(np.min([v for _, v in c]) for g in result["groups"].values() for c in g["curves"])
+    ax.set_ylim(lo - 2, lo + 40)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test −ELBO [nats]")
+    ax.set_title(f"{result['row']}: mean and min–max over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def gradient_variance(paths: list[str]) -> dict:
+    """Several seeds' experiments.gradient_variance files (one run each, the same estimators
+    and steps) → per step and estimator ≠ analytic, the variance ratio to analytic for each
+    parameter group (total, encoder, decoder), and the KL estimate's variance [nats²]: mean,
+    min, max over the files; each file's raw rows under ``per_run``."""
+    results = [json.load(open(p)) for p in paths]
+    steps = sorted(set.intersection(*({r["step"] for r in res["checkpoints"]} for res in results)))
+    others = [e for e in results[0]["estimators"] if e != "analytic"]
+    rows = []
+    for step in steps:
+        at = [next(r for r in res["checkpoints"] if r["step"] == step) for res in results]
+        row = {"step": step}
+        for e in others:
+            row[e] = {}
+            for grp in ("total", "encoder", "decoder"):
+                vals = [r["ratio"][e][grp] for r in at]
+                row[e][grp] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
+            kl = [r[e]["kl_variance"] for r in at]  # the closed form's is 0: no ratio
+            row[e]["kl_estimate_variance"] = {"mean": float(np.mean(kl)), "min": float(np.min(kl)),
+                                              "max": float(np.max(kl))}
+        rows.append(row)
+    last = rows[-1]
+    return {"runs": [r["run_dir"] for r in results], "num_draws": results[0]["num_draws"],
+            "batch_size": results[0]["batch_size"], "estimators": results[0]["estimators"], "steps": steps,
+            "ratios": rows, "per_run": results,
+            "claims": {"mc_encoder_variance_above_analytic_at_every_step_every_seed":
+                       bool(all(r["mc"]["encoder"]["min"] > 1 for r in rows)) if "mc" in others else None,
+                       "stl_encoder_variance_below_analytic_at_the_last_step_every_seed":
+                       bool(last["stl"]["encoder"]["max"] < 1) if "stl" in others else None}}
+
+
+def gradient_variance_figure(result: dict):
+    """Encoder and total gradient-variance ratios to analytic against the step (mean, band)."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    steps = [r["step"] for r in result["ratios"]]
+    for ax, grp in zip(axes, ("encoder", "decoder", "total")):
+        for e in (e for e in result["estimators"] if e != "analytic"):
+            m = [r[e][grp]["mean"] for r in result["ratios"]]
+            ax.plot(steps, m, marker="o", label=f"{e} / analytic")
+            ax.fill_between(steps, [r[e][grp]["min"] for r in result["ratios"]],
+                            [r[e][grp]["max"] for r in result["ratios"]], alpha=0.25)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("training step of the analytic run")
+        ax.set_title(f"{grp} gradient variance ratio")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"ELBO gradient variance over {len(result['runs'])} seeds (S = {result['num_draws']}, "
+                 f"B = {result['batch_size']}): mean and min–max")
+    fig.tight_layout()
+    return fig
 
 
 def table(result: dict) -> str:
@@ -103,12 +222,15 @@ def main(argv):
     del argv
     fl = flags.FLAGS
     result = summarize(fl.row_runs, fl.row, fl.target)
+    result["verdict"] = verdict(result)
     os.makedirs(fl.out, exist_ok=True)
     path = os.path.join(fl.out, f"closed_vs_mc_{fl.row}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
+    figure(result).savefig(path[:-5] + ".png", dpi=110)
     print(table(result))
-    print(f"wrote {path}")
+    print(result["verdict"]["detail"])
+    print(f"wrote {path} and its .png")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ Reads (each optional; missing ones are reported and left out):
   runs/rate_distortion/                        β sweep on MNIST
   runs/collapse_mnist/, runs/collapse_fashion/ k sweeps at β = 1
   runs/locatello_cpu/<method>/<run>/           Locatello et al.'s study, CPU-sized (--locatello_runs)
+  runs/{kl_estimators,priors,iwae_objective}/  issue 21's rows (experiments.reproduce.closed_vs_mc),
+                                               and gradient_variance.json in each analytic run of
+                                               runs/kl_estimators (experiments.gradient_variance)
 and writes OUT/<name>.json and OUT/<name>.png for each, OUT/table.md, and the table into
 README.md between the reproduction markers, so the README's numbers come from files.
 A result whose runs are absent, or that --only leaves out, keeps its row from the existing
@@ -27,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from experiments.reproduce import locatello_curves, locatello_summary
+from experiments.reproduce import closed_vs_mc, locatello_curves, locatello_summary
 from vaekl import analysis, rundir
 from vaekl import runs as runs_lib
 
@@ -35,7 +38,7 @@ _RUNS = flags.DEFINE_string("runs", "runs", "Directory holding the reproduction 
 _OUT = flags.DEFINE_string("out", "docs/reproductions", "Where results and figures go.")
 _README = flags.DEFINE_string("readme", "README.md", "README to update ('' to skip).")
 _ONLY = flags.DEFINE_list("only", [], "Results to recompute (iwae, linear, rd, collapse, terms, "
-                          "locatello, locatello_slice, locatello_gpu); the others are read from OUT/<name>.json. Default: all.")
+                          "locatello, locatello_slice, locatello_gpu, kl_estimators, priors, iwae_objective, gradient_variance); the others are read from OUT/<name>.json. Default: all.")
 _LOCATELLO = flags.DEFINE_string("locatello_runs", None, "The Locatello study's runs "
                                  "(default: RUNS/locatello_cpu).")
 _SLICE = flags.DEFINE_string("locatello_slice_runs", None, "The CPU slice's runs "
@@ -111,6 +114,72 @@ def iwae(runs: str, out: str) -> dict | None:
                       f"{train_images:,} training images instead of 60,000; active units on the test set"}
     _save(out, "iwae_vae", result)
     return result
+
+
+def closed_vs_mc_row(runs: str, out: str, row: str) -> dict | None:
+    """Issue 21's row ``row`` from RUNS/<row> (every run evaluated): closed_vs_mc's summary,
+    its verdict, figure and the wall times (training from file times, evaluation per run)."""
+    sweep = os.path.join(runs, row)
+    if not os.path.isdir(sweep):
+        return None
+    result = closed_vs_mc.summarize(sweep, row)
+    result["verdict"] = closed_vs_mc.verdict(result)
+    run_dirs = _sweep_runs(sweep)
+    result["train_minutes"] = wall_minutes(*run_dirs)
+    result.update(_eval_minutes_per_seed(run_dirs, [runs_lib.Run(d).eval for d in run_dirs]))
+    _save(out, f"closed_vs_mc_{row}", result, closed_vs_mc.figure(result))
+    return result
+
+
+def grad_variance(runs: str, out: str) -> dict | None:
+    """The gradient-variance ratios over the seeds of RUNS/kl_estimators' analytic runs."""
+    paths = sorted(os.path.join(d, "gradient_variance.json") for d in _sweep_runs(os.path.join(runs, "kl_estimators"))
+                   if "kl_estimator=analytic" in d and os.path.exists(os.path.join(d, "gradient_variance.json")))
+    if not paths:
+        return None
+    result = closed_vs_mc.gradient_variance(paths)
+    _save(out, "gradient_variance_mnist", result, closed_vs_mc.gradient_variance_figure(result))
+    return result
+
+
+def _closed_vs_mc_rows(results: dict) -> list[str]:
+    """The README rows of issue 21 (closed form vs Monte Carlo)."""
+    rows = []
+    titles = {"kl_estimators": ("Closed-form vs Monte Carlo KL (Kingma & Welling 2014; Roeder et al. 2017)",
+                                "mnist_kl_estimators.py"),
+              "priors": ("Priors without a closed form (Tomczak & Welling 2018)", "mnist_priors.py"),
+              "iwae_objective": ("IWAE objective, k = 1, 5, 50 (Burda et al. 2016)", "mnist_iwae_objective.py")}
+    for row, (title, config) in titles.items():
+        r = results.get(row)
+        if not r:
+            continue
+        cells = []
+        for value, g in r["groups"].items():
+            f = lambda m, d=2: (f"{g[m]['mean']:.{d}f} ({g[m]['min']:.{d}f}–{g[m]['max']:.{d}f})")  # noqa: E731
+            cells.append(f"{r['field']}={value}: NLL {f('nll')}, −ELBO {f('neg_elbo')}, AU {f('active_units', 0)}, "
+                         f"steps to −ELBO ≤ {r['target_neg_elbo']:.1f}: {f('steps_to_target', 0)}")
+        v = r["verdict"]
+        rows.append(f"| {title} | {r['published']} | {'; '.join(cells)}. **Direction holds: {v['holds']}** | "
+                    f"`experiments/reproduce/{config}` + `experiments.evaluate` + `closed_vs_mc` | MNIST subset | "
+                    f"{r['train_minutes']:.0f} min train + {r['eval_minutes']:.1f} min eval per run | "
+                    f"{r['num_steps'][0]:,} steps; mean (min–max) over {min(len(g['seeds']) for g in r['groups'].values())}"
+                    f" seeds; NLL with K = {r['num_samples'][0]} on the first {r['nll_num_test'][0]:,} test images "
+                    f"(−ELBO and AU on all); closed_vs_mc_{row}.json/.png |")
+    g = results.get("gradient_variance")
+    if g:
+        first, last = g["ratios"][0], g["ratios"][-1]
+        rng = lambda e, grp, r: f"{r[e][grp]['mean']:.2f} ({r[e][grp]['min']:.2f}–{r[e][grp]['max']:.2f})"  # noqa: E731
+        rows.append(f"| ELBO gradient variance by KL estimator (Kingma & Welling 2014; Roeder et al. 2017) | MC above "
+                    f"analytic; STL → 0 as q → the true posterior | encoder-gradient variance / analytic's at step "
+                    f"{first['step']:,} → {last['step']:,}: mc {rng('mc', 'encoder', first)} → {rng('mc', 'encoder', last)}, "
+                    f"stl {rng('stl', 'encoder', first)} → {rng('stl', 'encoder', last)}; decoder: mc "
+                    f"{rng('mc', 'decoder', last)} at the end. MC above analytic at every step and seed: "
+                    f"{g['claims']['mc_encoder_variance_above_analytic_at_every_step_every_seed']}; STL below at the "
+                    f"end: {g['claims']['stl_encoder_variance_below_analytic_at_the_last_step_every_seed']} | "
+                    f"`experiments.gradient_variance` on the kl_estimators row's analytic runs | MNIST subset | "
+                    f"(per run: see json) | {len(g['runs'])} seeds, S = {g['num_draws']} draws, B = "
+                    f"{g['batch_size']} test images, at each kept checkpoint; gradient_variance_mnist.json/.png |")
+    return rows
 
 
 def linear(runs: str, out: str) -> dict | None:
@@ -355,6 +424,7 @@ def table(results: dict) -> str:
                     f"log-det dominates | collapsed cancel: {r['collapsed_terms_cancel']}; active log-det "
                     f"dominates: {r['active_log_det_dominates']} ({r['run']}) | "
                     f"`experiments.reproduce.summarize` | MNIST subset | (from the k sweep) | see kl_terms.png |")
+    rows += _closed_vs_mc_rows(results)
     if results.get("locatello"):
         rows.append(locatello_summary.readme_row(results["locatello"]))
     if results.get("locatello_slice"):
@@ -396,7 +466,10 @@ def collect(runs: str, out: str, only: list[str] | None = None, locatello_runs: 
               "locatello": (locatello_summary.NAME, lambda: locatello_summary.summarize(
                   locatello_runs or os.path.join(runs, "locatello_cpu"), out)),
               "locatello_slice": (SLICE_NAME, lambda: _slice(slice_runs or os.path.join(runs, "locatello_slice"), out)),
-              "locatello_gpu": (GPU_SLICE_NAME, lambda: None)}  # made by gpu_results from the GPU's files
+              "locatello_gpu": (GPU_SLICE_NAME, lambda: None),  # made by gpu_results from the GPU's files
+              **{row: (f"closed_vs_mc_{row}", lambda row=row: closed_vs_mc_row(runs, out, row))
+                 for row in closed_vs_mc.ROWS},
+              "gradient_variance": ("gradient_variance_mnist", lambda: grad_variance(runs, out))}
     unknown = sorted(set(only or ()) - set(makers))
     if unknown:
         raise ValueError(f"--only: unknown results {unknown}; choose from {sorted(makers)}")
