@@ -270,7 +270,12 @@ def test_evaluate_run_writes_eval_json(tmp_path):
     # the NLL alone on a subset of the test set; every other number unchanged
     sub = evaluate.evaluate_run(workdir, num_samples=100, chunk=50, batch_size=128, nll_examples=40)
     assert sub["nll_num_test"] == 40 and sub["num_test"] == r["num_test"] and sub["nll"] != r["nll"]
-    assert {k: v for k, v in sub.items() if not k.startswith("nll") and k != "eval_seconds"} == \
-        {k: v for k, v in r.items() if not k.startswith("nll") and k != "eval_seconds"}
+    same = [k for k in r if not k.startswith("nll") and k != "eval_seconds"]
+    assert set(same) <= set(sub)
+    for k in same:  # one program either way, fused differently: float32 rounding apart
+        if isinstance(r[k], (int, float, list)):
+            np.testing.assert_allclose(sub[k], r[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        else:
+            assert sub[k] == r[k], k
     with pytest.raises(ValueError, match="nll_examples must be >= 0"):
         evaluate.evaluate_run(workdir, nll_examples=-1)

@@ -301,8 +301,7 @@ def evaluate_run(workdir: str, num_samples: int = 5000, chunk: int = 100, batch_
     test = jnp.asarray(eval_images["test"])
     trained = runs.Run(workdir).restore(which)
     graphdef, state, step = trained.graphdef, trained.state, trained.step
-    cfg = train.EvalConfig(batch_size, "none", objectives.Static.from_config(config, train.dataset_size(ds)),
-                           config.active_units_threshold)
+    cfg = train.eval_config(config, train.dataset_size(ds), batch_size)
     stats = jax.jit(lambda s, x: train.evaluate(s, x, train.hyperparameters(config), jnp.int32(step),
                                                 jax.random.fold_in(key, 2), None, graphdef=graphdef,
                                                 cfg=cfg))(state, test)

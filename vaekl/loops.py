@@ -49,17 +49,18 @@ def run_map(fn: Callable, in_axes: tuple, mode: str = "vmap", spmd_axis_name: st
     return mapped
 
 
-def batched_map(fn, x: jax.Array, batch_size: int):
+def batched_map(fn, x: jax.Array, batch_size: int, unroll: bool = True):
     """``fn(batch, batch_index)`` over x [N, ...] in batches (the last one zero-padded), with
     a ``lax.scan``; the per-example outputs concatenated back to [N, ...].
 
-    On the CPU, up to :data:`CPU_UNROLL_BATCHES` batches are unrolled: XLA:CPU runs
-    convolutions inside a while loop ~10× slower (see :func:`scan`)."""
+    With ``unroll``, on the CPU up to :data:`CPU_UNROLL_BATCHES` batches are unrolled: XLA:CPU
+    runs convolutions inside a while loop ~10× slower (see :func:`scan`). Functions without
+    convolutions pass False: a loop runs them as fast, and compiles one batch instead of N."""
     n = x.shape[0]
     bs = min(batch_size, n)
     nb = -(-n // bs)
     xp = jnp.concatenate([x, jnp.zeros((nb * bs - n, *x.shape[1:]), x.dtype)])
-    unroll = jax.default_backend() == "cpu" and nb <= CPU_UNROLL_BATCHES
+    unroll = unroll and jax.default_backend() == "cpu" and nb <= CPU_UNROLL_BATCHES
     _, out = scan(lambda c, a: (c, fn(*a)), None, (xp.reshape(nb, bs, *x.shape[1:]), jnp.arange(nb)),
                   unroll=unroll)
     return jax.tree.map(lambda a: a.reshape(nb * bs, *a.shape[2:])[:n], out)

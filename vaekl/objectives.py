@@ -245,7 +245,7 @@ def objective(model: VAE, x: jax.Array, key: jax.Array, step: jax.Array,
 def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
                hp: Mapping[str, jax.Array], static: Static, latent_mask: jax.Array | None,
                to_inputs, batch_size: int, active_units_threshold: float,
-               aux: Any = None) -> dict[str, jax.Array]:
+               aux: Any = None, unroll_batches: bool = True) -> dict[str, jax.Array]:
     """Averages over all of ``images`` [N, ...] (uint8), nats per example.
 
     The ELBO parts are per example, over every image; the regularizer's penalty, its metrics and
@@ -256,6 +256,8 @@ def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
 
     Args:
       to_inputs: (key, uint8 batch) → model inputs (binarization).
+      unroll_batches: whether the CPU may unroll the batches (:func:`vaekl.loops.batched_map`;
+        convolutional models only: everything else compiles one batch and loops).
     """
 
     n = images.shape[0]
@@ -275,7 +277,7 @@ def evaluation(model: VAE, images: jax.Array, key: jax.Array, step: jax.Array,
                                           static.kl_estimator)
         return per, jax.tree.map(lambda v: jnp.broadcast_to(v, (x_u8.shape[0], *jnp.shape(v))), batch)
 
-    per, batch = loops.batched_map(one, images, bs)
+    per, batch = loops.batched_map(one, images, bs, unroll_batches)
     full = (n // bs) * bs
     means = {k: v.mean(0) for k, v in per.items() if k != "posterior_mean"}
     batch_means = {k: v[:full].mean(0) for k, v in batch.items()}

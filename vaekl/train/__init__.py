@@ -29,13 +29,13 @@ from vaekl.train.programs import COMPILED_CACHE_SIZE, Compiled, clear_compiled, 
 from vaekl.train.state import (OPTIMIZER_PER_RUN, Optimizers, TrainState, create, group_fields, group_key,
                                hyperparameters, learning_rate_schedule, make_optimizer, per_run_fields,
                                stack_hyperparameters, static_settings)
-from vaekl.train.step import (EVAL_SPLITS, TRAIN_CURVE_SPLIT, EvalConfig, StepConfig, eval_rows, evaluate,
+from vaekl.train.step import (EVAL_SPLITS, TRAIN_CURVE_SPLIT, EvalConfig, StepConfig, eval_config, eval_rows, evaluate,
                               member_mode, run_steps, step_binarization, steps_per_call, train_step)
 
 __all__ = [
     "COMPILED_CACHE_SIZE", "Compiled", "EVAL_SPLITS", "EvalConfig", "GROUP_COMMIT", "Member", "OPTIMIZER_PER_RUN",
     "Optimizers", "StepConfig", "TRAIN_CURVE_SPLIT", "TrainState", "batch_source", "check_extension",
-    "check_metrics", "clear_compiled", "compile_fns", "create", "dataset_size", "eval_rows", "evaluate",
+    "check_metrics", "clear_compiled", "compile_fns", "create", "dataset_size", "eval_config", "eval_rows", "evaluate",
     "group_fields", "group_key", "groups", "hyperparameters", "learning_rate_schedule", "loop", "make_optimizer",
     "member_mode", "pad_like", "per_run_fields", "prepare", "programs", "read_group_commit", "run_steps",
     "slice_like", "stack_hyperparameters", "state", "static_settings", "step", "step_binarization",

@@ -15,7 +15,7 @@ import numpy as np
 
 from vaekl import data, loops, objectives, regularizers, sharding
 from vaekl.train.state import group_key
-from vaekl.train.step import (EvalConfig, StepConfig, evaluate, member_mode, run_steps, step_binarization,
+from vaekl.train.step import (StepConfig, eval_config, evaluate, member_mode, run_steps, step_binarization,
                               steps_per_call)
 
 
@@ -114,9 +114,7 @@ def _compile_fns(config, graphdef, tx, vmapped, draw, dataset_size, placement, m
     n_eval = dataset_size
 
     def ev(state, images, hp, step, key, latent_mask):
-        cfg = EvalConfig(config.eval_batch_size, "none",  # images binarized by prepare()
-                         objectives.Static.from_config(config, n_eval or images.shape[0]),
-                         config.active_units_threshold)
+        cfg = eval_config(config, n_eval or images.shape[0])
         fn = functools.partial(evaluate, graphdef=graphdef, cfg=cfg)
         if vmapped:
             fn = loops.run_map(fn, (0, None, 0, None, 0, 0), mode, spmd)

@@ -115,6 +115,14 @@ class EvalConfig(NamedTuple):
     binarization: str
     objective: objectives.Static
     active_units_threshold: float
+    unroll_batches: bool = True  # the architecture's cpu_sequential (vaekl.loops.batched_map)
+
+
+def eval_config(config: ml_collections.ConfigDict, dataset_size: int, batch_size: int | None = None) -> EvalConfig:
+    """The evaluation's static settings for a run (images binarized beforehand by prepare());
+    batches unrolled on the CPU only for architectures that declare ``cpu_sequential``."""
+    return EvalConfig(batch_size or config.eval_batch_size, "none", objectives.Static.from_config(config, dataset_size),
+                      config.active_units_threshold, architectures.get(config.model).cpu_sequential)
 
 
 def evaluate(state: TrainState, images: jax.Array, hp: dict, step: jax.Array, key: jax.Array,
@@ -124,7 +132,7 @@ def evaluate(state: TrainState, images: jax.Array, hp: dict, step: jax.Array, ke
     model = nnx.merge(graphdef, state.params)
     to_inputs = lambda k, x: data.binarize(k, x, cfg.binarization)
     return objectives.evaluation(model, images, key, step, hp, cfg.objective, latent_mask, to_inputs,
-                                 cfg.batch_size, cfg.active_units_threshold, state.aux)
+                                 cfg.batch_size, cfg.active_units_threshold, state.aux, cfg.unroll_batches)
 
 
 def eval_rows(step: int, evals: dict[str, dict]) -> list[dict]:
