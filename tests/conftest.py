@@ -46,7 +46,13 @@ SLOW_MODULES = {"test_train", "test_sweep", "test_slurm", "test_runs", "test_rep
 SLOW_TESTS = ("test_train_evaluate_report_and_load", "test_a_user_dataset_architecture_and_metric", "test_vmapped_member", "test_readme_example", "test_evaluate_run", "test_objective_and_gradients",
               "test_one_sample_elbo_is_unbiased", "test_iwae_objective_trains", "test_sampled_estimators_train",
               "test_analysis_of_a_tiny_digits_run", "test_mixture_priors_train",
-              "test_row_runs_on_tiny_settings", "test_conv_group_member")
+              "test_row_runs_on_tiny_settings", "test_conv_group_member",
+              # trains, runs a script or a subprocess, or takes over 4 s (make test-fast ≤ 90 s)
+              "test_tutorial_runs", "test_stl_gradient_vanishes_at_the_exact_posterior",
+              "test_iwae_converges_to_the_exact_log_likelihood", "test_iwae_with_one_sample_is_the_mc_elbo",
+              "test_chunked_and_unchunked_estimates_agree", "test_report_states_the_mi_bound",
+              "test_local_sweep_children_get_the_modules", "test_one_component_mog_is_its_gaussian",
+              "test_iwae_bound_is_above_the_elbo")
 
 
 # Modules that exercise device code (numerics, models, estimators, objectives, training steps):
