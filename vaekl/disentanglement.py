@@ -52,6 +52,7 @@ Monte-Carlo entropies of :func:`mig_sampling` run jitted in float32.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 import time
@@ -62,9 +63,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import logging as pylogging
-from sklearn import ensemble, linear_model, metrics, svm
 
 from vaekl import progress as progress_lib
+
+
+def _sklearn(submodule: str):
+    """``sklearn.<submodule>``, imported when a metric first needs it (importing scikit-learn
+    takes ~1.5 s, and training, sweeps and most evaluations never do)."""
+    return importlib.import_module(f"sklearn.{submodule}")
+
 
 LOG = pylogging.getLogger(__name__)  # by name: cli.quiet_library_logs keeps vaekl's INFO lines
 
@@ -613,7 +620,7 @@ def beta_vae_score(ground_truth_data: GroundTruthData, representation_fn: Repres
                                         batch_size, encode_batch)
     x_eval, y_eval = _beta_vae_points(ground_truth_data, representation_fn, rng, num_eval,
                                       batch_size, encode_batch)
-    model = linear_model.LogisticRegression(random_state=int(rng.integers(2**31)))
+    model = _sklearn("linear_model").LogisticRegression(random_state=int(rng.integers(2**31)))
     model.fit(x_train, y_train)
     return {"train_accuracy": float(model.score(x_train, y_train)),
             "eval_accuracy": float(model.score(x_eval, y_eval))}
@@ -682,9 +689,9 @@ _DCI_MODELS = ("gbt", "random_forest")
 
 def _dci_model(model: str, seed: int):
     if model == "gbt":
-        return ensemble.GradientBoostingClassifier(random_state=seed)
+        return _sklearn("ensemble").GradientBoostingClassifier(random_state=seed)
     if model == "random_forest":
-        return ensemble.RandomForestClassifier(n_estimators=10, max_features=None, max_depth=8,
+        return _sklearn("ensemble").RandomForestClassifier(n_estimators=10, max_features=None, max_depth=8,
                                                min_samples_leaf=20, random_state=seed)
     raise ValueError(f"dci model must be one of {_DCI_MODELS}; got {model!r}")
 
@@ -783,7 +790,7 @@ def sap_score_matrix(codes_train: np.ndarray, factors_train: np.ndarray, codes_t
                 c = np.cov(codes_train[:, j], factors_train[:, k], ddof=1)
                 out[j, k] = c[0, 1] ** 2 / (c[0, 0] * c[1, 1]) if c[0, 0] > 1e-12 else 0.0
             else:
-                clf = svm.LinearSVC(C=0.01, class_weight="balanced")
+                clf = _sklearn("svm").LinearSVC(C=0.01, class_weight="balanced")
                 clf.fit(codes_train[:, j:j + 1], factors_train[:, k])
                 out[j, k] = np.mean(clf.predict(codes_test[:, j:j + 1]) == factors_test[:, k])
     return out
@@ -837,7 +844,7 @@ def _roc_auc_ovr(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float
     for c, cls in enumerate(classes):
         positive = y == cls
         if 0 < positive.sum() < y.size:
-            aucs.append(metrics.roc_auc_score(positive, proba[:, c]))
+            aucs.append(_sklearn("metrics").roc_auc_score(positive, proba[:, c]))
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
@@ -866,7 +873,7 @@ def modularity_explicitness(ground_truth_data: GroundTruthData, representation_f
     x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
     auc_train, auc_test = [], []
     for k in range(y_train.shape[1]):
-        clf = linear_model.LogisticRegression().fit(x_train, y_train[:, k])
+        clf = _sklearn("linear_model").LogisticRegression().fit(x_train, y_train[:, k])
         auc_train.append(_roc_auc_ovr(y_train[:, k], clf.predict_proba(x_train), clf.classes_))
         auc_test.append(_roc_auc_ovr(y_test[:, k], clf.predict_proba(x_test), clf.classes_))
     return {"modularity": mod, "explicitness": float(np.mean(auc_test)),

@@ -133,7 +133,10 @@ def closed_vs_mc_row(runs: str, out: str, row: str) -> dict | None:
 
 def grad_variance(runs: str, out: str) -> dict | None:
     """The gradient-variance ratios over the seeds of RUNS/kl_estimators' analytic runs."""
-    paths = sorted(os.path.join(d, "gradient_variance.json") for d in _sweep_runs(os.path.join(runs, "kl_estimators"))
+    sweep = os.path.join(runs, "kl_estimators")
+    if not os.path.isdir(sweep):
+        return None
+    paths = sorted(os.path.join(d, "gradient_variance.json") for d in _sweep_runs(sweep)
                    if "kl_estimator=analytic" in d and os.path.exists(os.path.join(d, "gradient_variance.json")))
     if not paths:
         return None
