@@ -225,7 +225,7 @@ def test_vmap_launcher_failure_among_good_runs_then_idempotent_relaunch(tmp_path
 def test_vmap_launcher_killed_mid_sweep_resumes(tmp_path):
     workdir = str(tmp_path / "sweep")
     spec = "beta=0.5,2 latent_dim=6"
-    steps = 4000
+    steps = 800  # killed at its first checkpoint (step 100): 7 evaluations and checkpoints still to go
     proc = subprocess.Popen([sys.executable, "-m", "launch.sweep", *SMALL_FLAGS, f"--config.num_steps={steps}",
                              f"--sweep={spec}", "--backend=vmap", f"--workdir={workdir}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -131,7 +131,7 @@ def test_metrics_after_the_last_checkpoint_are_dropped_on_resume(tmp_path):
 
 def test_sigkill_mid_training_then_restart(tmp_path):
     """A run killed with SIGKILL resumes from its checkpoint and ends like an uninterrupted one."""
-    args = ["--config=experiments/configs/digits_mlp.py", "--config.num_steps=6000",
+    args = ["--config=experiments/configs/digits_mlp.py", "--config.num_steps=3000",
             "--config.encoder_hidden=(16,)", "--config.decoder_hidden=(16,)",
             "--config.latent_dim=2", "--config.batch_size=16", "--config.eval_every=1000",
             "--config.checkpoint_every=500", "--config.log_every=500", "--config.num_images=0"]
@@ -142,7 +142,7 @@ def test_sigkill_mid_training_then_restart(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-        if any(500 <= s < 6000 for s in done):
+        if any(500 <= s < 3000 for s in done):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"

@@ -97,14 +97,18 @@ def main(argv):
     sweep = sweep_spec(method, _SEEDS.value, tiny)
     log_every = 5 if tiny else _LOG_EVERY.value
 
-    # Calibration: two logging intervals, the second one's rate is the steady state.
-    cal_dir = os.path.join(workdir, "_calibration")
-    cal_seconds = train(cal_dir, method, sweep, 2 * log_every, log_every, 2 * log_every, tiny=tiny)
-    rates = [locatello_summary.steady_seconds_per_1k_steps(d) for _, d in locatello_summary.find_runs(cal_dir)]
-    rates = [r for r in rates if r]
-    sec_per_step = (min(rates) / 1000) if rates else cal_seconds / (2 * log_every)
-    left = _SECONDS.value * (1 - _EVAL_SHARE.value) - (time.perf_counter() - t_start)
-    steps = 2 * log_every if tiny else max(2 * log_every, int(left / sec_per_step) // log_every * log_every)
+    # Calibration: two logging intervals, the second one's rate is the steady state (--tiny trains
+    # a fixed number of steps: nothing to calibrate).
+    cal_seconds = sec_per_step = None
+    steps = 2 * log_every
+    if not tiny:
+        cal_dir = os.path.join(workdir, "_calibration")
+        cal_seconds = train(cal_dir, method, sweep, 2 * log_every, log_every, 2 * log_every)
+        rates = [locatello_summary.steady_seconds_per_1k_steps(d) for _, d in locatello_summary.find_runs(cal_dir)]
+        rates = [r for r in rates if r]
+        sec_per_step = (min(rates) / 1000) if rates else cal_seconds / (2 * log_every)
+        left = _SECONDS.value * (1 - _EVAL_SHARE.value) - (time.perf_counter() - t_start)
+        steps = max(2 * log_every, int(left / sec_per_step) // log_every * log_every)
     every = max(log_every, steps // 2 // log_every * log_every)  # metrics at 0, half way and the end
     runs_dir = os.path.join(workdir, method)
     train_seconds = train(runs_dir, method, sweep, steps, log_every, every, metric_every=every,
