@@ -52,7 +52,10 @@ SLOW_TESTS = ("test_train_evaluate_report_and_load", "test_a_user_dataset_archit
               "test_iwae_converges_to_the_exact_log_likelihood", "test_iwae_with_one_sample_is_the_mc_elbo",
               "test_chunked_and_unchunked_estimates_agree", "test_report_states_the_mi_bound",
               "test_local_sweep_children_get_the_modules", "test_one_component_mog_is_its_gaussian",
-              "test_iwae_bound_is_above_the_elbo")
+              "test_iwae_bound_is_above_the_elbo", "test_discriminator_learns_total_correlation",
+              "test_objective_logs_the_closed_form", "test_analytic_is_unchanged_bit_for_bit",
+              "test_mc_estimate_is_unbiased_and_stl_has_the_same_value[full",
+              "test_mc_estimate_is_unbiased_and_stl_has_the_same_value[diag-std_normal]")
 
 
 # Modules that exercise device code (numerics, models, estimators, objectives, training steps):

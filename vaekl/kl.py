@@ -86,11 +86,19 @@ class KLTerms(NamedTuple):
 # Elementwise building blocks.
 
 
+def _compiled(fn):
+    """``jax.jit(fn)`` with ``per_dim`` static: called outside a trace, a KL compiles as one
+    fused program per input shape instead of dispatching (and compiling) each operation;
+    inside a trace it is inlined, as before."""
+    return jax.jit(fn, static_argnames=("per_dim",) if "per_dim" in fn.__code__.co_varnames else ())
+
+
 def _series_terms(dtype) -> int:
     """Number of Taylor terms that make the |x| < ½ series exact to the dtype's precision."""
     return 14 if jnp.finfo(dtype).bits > 32 else 8
 
 
+@_compiled
 def expm1_minus_x(x: jax.Array) -> jax.Array:
     """exp(x) − 1 − x, accurate to a few float32 ulps for every finite x (elementwise, >= 0).
 
@@ -181,6 +189,7 @@ def _terms_from_parts(d, off, a2, per_dim: bool, *, em1=None, ratio=None) -> KLT
     return terms if per_dim else KLTerms(*(t.sum(-1) for t in terms))
 
 
+@_compiled
 def kl_normal(mean_q, log_var_q, mean_p, log_var_p) -> jax.Array:
     """KL(N(mean_q, exp(log_var_q)) || N(mean_p, exp(log_var_p))) for univariate Gaussians.
 
@@ -210,6 +219,7 @@ _STD_NAMES = ("mean", "log_var")
 _DIAG_NAMES = ("mean_q", "log_var_q", "mean_p", "log_var_p")
 
 
+@_compiled
 def kl_std_normal(mean, log_var, *, per_dim: bool = False) -> jax.Array:
     """KL(N(mean, diag(exp(log_var))) || N(0, I)) = ½ Σᵢ (exp(vᵢ) − 1 − vᵢ + μᵢ²).
 
@@ -225,6 +235,7 @@ def kl_std_normal(mean, log_var, *, per_dim: bool = False) -> jax.Array:
     return _kl_from_parts(*_std_normal_parts(*args), per_dim)
 
 
+@_compiled
 def kl_std_normal_terms(mean, log_var, *, per_dim: bool = False) -> KLTerms:
     """Terms of :func:`kl_std_normal`: (Σ exp(v), Σ μ², −Σ v, k), each [...] or [..., k]."""
     args = _float(mean, log_var)
@@ -232,6 +243,7 @@ def kl_std_normal_terms(mean, log_var, *, per_dim: bool = False) -> KLTerms:
     return _terms_from_parts(*_std_normal_parts(*args), per_dim)
 
 
+@_compiled
 def kl_diag(mean_q, log_var_q, mean_p, log_var_p, *, per_dim: bool = False) -> jax.Array:
     """KL(N(μq, diag(exp(vq))) || N(μp, diag(exp(vp)))), e.g. against a learned diagonal prior.
 
@@ -249,6 +261,7 @@ def kl_diag(mean_q, log_var_q, mean_p, log_var_p, *, per_dim: bool = False) -> j
     return _kl_from_parts(*_diag_parts(*args), per_dim)
 
 
+@_compiled
 def kl_diag_terms(mean_q, log_var_q, mean_p, log_var_p, *, per_dim: bool = False) -> KLTerms:
     """Terms of :func:`kl_diag`: (Σ exp(vq−vp), Σ (μq−μp)² exp(−vp), Σ (vp−vq), k)."""
     args = _float(mean_q, log_var_q, mean_p, log_var_p)
@@ -340,6 +353,7 @@ _FULL_SIG = (("k",), ("k", "k"), ("k",), ("k", "k"))
 _FULL_STD_SIG = (("k",), ("k", "k"))
 
 
+@_compiled
 def kl_full(mean_q, scale_tril_q, mean_p, scale_tril_p, *, per_dim: bool = False) -> jax.Array:
     """KL(N(μq, LqLqᵀ) || N(μp, LpLpᵀ)) for full covariances given by Cholesky factors.
 
@@ -354,12 +368,14 @@ def kl_full(mean_q, scale_tril_q, mean_p, scale_tril_p, *, per_dim: bool = False
                       (mean_q, scale_tril_q, mean_p, scale_tril_p))
 
 
+@_compiled
 def kl_full_terms(mean_q, scale_tril_q, mean_p, scale_tril_p, *, per_dim: bool = False) -> KLTerms:
     """Terms of :func:`kl_full`, each [...] (or [..., k] split by rows of Lp⁻¹Lq)."""
     return _full_case("kl_full_terms", _full_parts, _FULL_NAMES, _FULL_SIG, _terms_from_parts,
                       per_dim, (mean_q, scale_tril_q, mean_p, scale_tril_p))
 
 
+@_compiled
 def kl_full_std_normal(mean, scale_tril, *, per_dim: bool = False) -> jax.Array:
     """KL(N(μ, LLᵀ) || N(0, I)) = ½(‖L‖²_F + ‖μ‖² − k − 2 Σᵢ log|Lᵢᵢ|).
 
@@ -373,6 +389,7 @@ def kl_full_std_normal(mean, scale_tril, *, per_dim: bool = False) -> jax.Array:
                       _kl_from_parts, per_dim, (mean, scale_tril))
 
 
+@_compiled
 def kl_full_std_normal_terms(mean, scale_tril, *, per_dim: bool = False) -> KLTerms:
     """Terms of :func:`kl_full_std_normal`, each [...] (or [..., k])."""
     return _full_case("kl_full_std_normal_terms", _full_std_parts, _FULL_STD_NAMES, _FULL_STD_SIG,

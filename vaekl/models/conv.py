@@ -96,7 +96,7 @@ def transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
     return low, pad_len - low
 
 
-def conv_transpose_by_phases(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+def conv_transpose_by_phases(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int],
                              padding: str = "SAME") -> jax.Array:
     """``lax.conv_transpose(x, kernel, strides, padding)`` (NHWC, HWIO, no kernel flip), computed
     as s² stride-1 convolutions over the undilated input, one per output phase, interleaved.
@@ -108,6 +108,11 @@ def conv_transpose_by_phases(x: jax.Array, kernel: jax.Array, strides: Sequence[
     the kernel meet a non-zero of the dilated input, at input index m + (r + t − pad_low)/s; so
     phase r is a correlation of x with the kernel's taps t₀, t₀ + s, … .
     """
+    return _by_phases(x, kernel, _pair(strides), padding)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))  # one program per shape, called outside a trace too
+def _by_phases(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: str) -> jax.Array:
     (h, w), (kh, kw) = x.shape[1:3], kernel.shape[:2]
     axes = []
     for n, k, s in ((h, kh, strides[0]), (w, kw, strides[1])):
@@ -213,8 +218,12 @@ def conv(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int], padding:
          impl: str = "auto") -> jax.Array:
     """``lax.conv_general_dilated(x, kernel, strides, padding)``: x [B, H, W, C], kernel
     [kh, kw, C, O] → [B, H', W', O]; on the CPU path its gradients avoid XLA:CPU's slow kernels."""
-    strides = _pair(strides)
-    if resolve_impl(impl) == "cpu" and _cpu_path_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
+    return _conv(x, kernel, _pair(strides), padding, resolve_impl(impl))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: str, impl: str) -> jax.Array:
+    if impl == "cpu" and _cpu_path_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
         return _conv_cpu(x, kernel, strides)
     return conv_native(x, kernel, strides, padding)
 
@@ -224,8 +233,13 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int]
     """``lax.conv_transpose(x, kernel, strides, padding)`` (no kernel flip): x [B, H, W, C],
     kernel [kh, kw, C, O] → [B, s·H, s·W, O] for 'SAME'. On the CPU by phases (any padding),
     with the custom backward pass where :func:`conv`'s CPU path applies."""
-    strides = _pair(strides)
-    if resolve_impl(impl) != "cpu":
+    return _conv_transpose(x, kernel, _pair(strides), padding, resolve_impl(impl))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _conv_transpose(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: str,
+                    impl: str) -> jax.Array:
+    if impl != "cpu":
         return conv_transpose_native(x, kernel, strides, padding)
     if _cpu_path_applies(x.shape[1:3], kernel.shape[:2], strides, padding):
         return _conv_transpose_cpu(x, kernel, strides)
