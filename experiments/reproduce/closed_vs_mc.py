@@ -199,6 +199,9 @@ def gradient_variance_figure(result: dict):
                             [r[e][grp]["max"] for r in result["ratios"]], alpha=0.25)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
+        vals = [r[e][grp][b] for r in result["ratios"] for e in result["estimators"] if e != "analytic"
+                for b in ("min", "max")]
+        ax.set_ylim(min(0.3, 0.8 * min(vals)), max(3.0, 1.25 * max(vals)))  # a flat 1 stays readable
         ax.set_xlabel("training step of the analytic run")
         ax.set_title(f"{grp} gradient variance ratio")
         ax.legend(fontsize=8)
