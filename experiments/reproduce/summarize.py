@@ -162,7 +162,8 @@ def _closed_vs_mc_rows(results: dict) -> list[str]:
             cells.append(f"{r['field']}={value}: NLL {f('nll')}, −ELBO {f('neg_elbo')}, AU {f('active_units', 0)}, "
                          f"steps to −ELBO ≤ {r['target_neg_elbo']:.1f}: {f('steps_to_target', 0)}")
         v = r["verdict"]
-        rows.append(f"| {title} | {r['published']} | {'; '.join(cells)}. **Direction holds: {v['holds']}** | "
+        rows.append(f"| {title} | {r['published']} | {'; '.join(cells)}. **Direction holds: {v['holds']}** "
+                    f"({v['detail']}) | "
                     f"`experiments/reproduce/{config}` + `experiments.evaluate` + `closed_vs_mc` | MNIST subset | "
                     f"{r['train_minutes']:.0f} min train + {r['eval_minutes']:.1f} min eval per run | "
                     f"{r['num_steps'][0]:,} steps; mean (min–max) over {min(len(g['seeds']) for g in r['groups'].values())}"
