@@ -162,7 +162,8 @@ def _closed_vs_mc_rows(results: dict) -> list[str]:
             cells.append(f"{r['field']}={value}: NLL {f('nll')}, −ELBO {f('neg_elbo')}, AU {f('active_units', 0)}, "
                          f"steps to −ELBO ≤ {r['target_neg_elbo']:.1f}: {f('steps_to_target', 0)}")
         v = r["verdict"]
-        rows.append(f"| {title} | {r['published']} | {'; '.join(cells)}. **Direction holds: {v['holds']}** "
+        holds = {True: "yes", False: "no"}.get(v["holds"], "not resolved")
+        rows.append(f"| {title} | {r['published']} | {'; '.join(cells)}. **Direction holds: {holds}** "
                     f"({v['detail']}) | "
                     f"`experiments/reproduce/{config}` + `experiments.evaluate` + `closed_vs_mc` | MNIST subset | "
                     f"{r['train_minutes']:.0f} min train + {r['eval_minutes']:.1f} min eval per run | "
