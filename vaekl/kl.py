@@ -35,6 +35,7 @@ give NaN outputs.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 
@@ -90,7 +91,7 @@ def _compiled(fn):
     """``jax.jit(fn)`` with ``per_dim`` static: called outside a trace, a KL compiles as one
     fused program per input shape instead of dispatching (and compiling) each operation;
     inside a trace it is inlined, as before."""
-    return jax.jit(fn, static_argnames=("per_dim",) if "per_dim" in fn.__code__.co_varnames else ())
+    return jax.jit(fn, static_argnames=[n for n in inspect.signature(fn).parameters if n == "per_dim"])
 
 
 def _series_terms(dtype) -> int:

@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from vaekl import rundir
+from vaekl import analysis, rundir
 from vaekl import runs as runs_lib
 
 ROWS = {"kl_estimators": "kl_estimator", "priors": "prior", "iwae_objective": "iwae_k"}
@@ -199,13 +199,14 @@ def gradient_variance(paths: list[str]) -> dict:
             row[e] = {}
             for grp in ("total", "encoder", "decoder"):
                 vals = [r["ratio"][e][grp] for r in at]
-                row[e][grp] = {"mean": float(np.mean(vals)), "min": float(np.min(vals)), "max": float(np.max(vals))}
+                row[e][grp] = analysis.spread(vals)
             kl = [r[e]["kl_variance"] for r in at]  # the closed form's is 0: no ratio
-            row[e]["kl_estimate_variance"] = {"mean": float(np.mean(kl)), "min": float(np.min(kl)),
-                                              "max": float(np.max(kl))}
+            row[e]["kl_estimate_variance"] = analysis.spread(kl)
         rows.append(row)
     last = rows[-1]
     return {"runs": [r["run_dir"] for r in results], "num_draws": results[0]["num_draws"],
+            "seconds_per_run": analysis.spread(r["seconds"] for r in results if "seconds" in r)
+            if any("seconds" in r for r in results) else None,
             "batch_size": results[0]["batch_size"], "estimators": results[0]["estimators"], "steps": steps,
             "ratios": rows, "per_run": results,
             "claims": {"mc_encoder_variance_above_analytic_at_every_step_every_seed":

@@ -11,8 +11,8 @@ Two commands, because prior_components must stay 1 for N(0, I):
         --sweep='prior=mog,vamp seed=0,1' --workdir=runs/priors
     python -m launch.sweep --config=experiments/reproduce/mnist_priors.py --config.prior_components=1 \
         --sweep='prior=std_normal seed=0,1' --workdir=runs/priors
-    python -m experiments.evaluate --workdir=runs/priors --num_samples=5000
-    python -m experiments.reproduce.closed_vs_mc --row=priors --row_runs=runs/priors
+    python -m experiments.evaluate --workdir=runs/priors --num_samples=5000 --nll_examples=1000
+    python -m experiments.reproduce.summarize --runs=runs --only=priors
 
 For the mixtures the logged kl (and −ELBO) is the one-draw estimate: there is no closed form.
 """

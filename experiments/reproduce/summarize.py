@@ -145,6 +145,11 @@ def grad_variance(runs: str, out: str) -> dict | None:
     return result
 
 
+def _minutes_per_seed(g: dict) -> str:
+    s = g.get("seconds_per_run")
+    return f"{s['mean'] / 60:.1f} min per seed" if s else "not recorded"
+
+
 def _closed_vs_mc_rows(results: dict) -> list[str]:
     """The README rows of issue 21 (closed form vs Monte Carlo)."""
     rows = []
@@ -182,7 +187,7 @@ def _closed_vs_mc_rows(results: dict) -> list[str]:
                     f"{g['claims']['mc_encoder_variance_above_analytic_at_every_step_every_seed']}; STL below at the "
                     f"end: {g['claims']['stl_encoder_variance_below_analytic_at_the_last_step_every_seed']} | "
                     f"`experiments.gradient_variance` on the kl_estimators row's analytic runs | MNIST subset | "
-                    f"(per run: see json) | {len(g['runs'])} seeds, S = {g['num_draws']} draws, B = "
+                    f"{_minutes_per_seed(g)} | {len(g['runs'])} seeds, S = {g['num_draws']} draws, B = "
                     f"{g['batch_size']} test images, at each kept checkpoint; gradient_variance_mnist.json/.png |")
     return rows
 
