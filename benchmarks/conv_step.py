@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaekl import data, train
+from vaekl import data, host_memory, train
 from vaekl.models import conv as conv_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,9 @@ LOCATELLO = os.path.join(REPO, "experiments/reproduce/locatello_dsprites.py")
 
 
 def setup(method: str = "beta_vae", **overrides) -> SimpleNamespace:
-    """The study's config for ``method`` (with ``overrides``), its dSprites source and model."""
+    """The study's config for ``method`` (with ``overrides``), its dSprites source and model; the
+    process keeps freed memory as the entry points do (:mod:`vaekl.host_memory`)."""
+    host_memory.keep_freed_memory()
     config = runpy.run_path(LOCATELLO)["get_config"](method)
     for k, v in overrides.items():
         config[k] = v

@@ -14,7 +14,7 @@ PACKAGE = os.path.join(REPO, "vaekl")
 # Bottom to top (README, "Layout"); a module may import only modules of earlier layers.
 LAYERS = [
     ["vaekl", "vaekl.progress", "vaekl.user_modules", "vaekl.schedules", "vaekl.sharding", "vaekl.kl",
-     "vaekl.metrics", "vaekl.dsprites"],
+     "vaekl.metrics", "vaekl.dsprites", "vaekl.host_memory"],
     ["vaekl.models.gaussian"], ["vaekl.models.posteriors", "vaekl.models.likelihoods", "vaekl.models.conv"],
     ["vaekl.models.priors", "vaekl.models.networks"], ["vaekl.models.architectures"], ["vaekl.models.vae"],
     ["vaekl.models", "vaekl.estimators", "vaekl.kl_estimators"], ["vaekl.regularizers"], ["vaekl.loops"],

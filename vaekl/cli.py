@@ -29,7 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vaekl import rundir, user_modules
+from vaekl import host_memory, rundir, user_modules
 from vaekl.checkpoints import CorruptCheckpoint
 
 EXIT_USER_ERROR = 2
@@ -182,7 +182,9 @@ def _exit_now(code: int) -> NoReturn:
 
 def main(fn: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> None:
     """``absl.app.run(fn)``, with user errors reported as one line and exit status 2; a failed
-    or interrupted command exits at once (:func:`_exit_now`)."""
+    or interrupted command exits at once (:func:`_exit_now`). The process keeps the memory it
+    frees for the next step (:func:`vaekl.host_memory.keep_freed_memory`)."""
+    host_memory.keep_freed_memory()
 
     def guarded(args: list[str]):
         if not _traceback_wanted(args):
