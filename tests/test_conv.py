@@ -13,9 +13,10 @@ from vaekl.models import conv as conv_lib
 from vaekl.models import networks
 
 # (side, kernel, stride, in channels, out channels): the models' 4×4 stride-2 layers, the
-# small-output-channel weight gradient (< SMALL_OUT_CHANNELS), other kernels and strides.
+# small-output-channel weight gradient (< SMALL_OUT_CHANNELS), other kernels and strides, and
+# a wide 32×32 layer whose weight gradient is one matmul (matmul_kernel_grad_pays).
 CASES = [(8, 4, 2, 3, 5), (8, 4, 2, 3, 1), (8, 2, 2, 3, 1), (12, 6, 3, 2, 4), (8, 6, 2, 3, 2),
-         (6, 4, 1, 2, 3), (6, 3, 1, 2, 1), (8, 4, 2, 3, 9), (16, 4, 2, 4, 8)]
+         (6, 4, 1, 2, 3), (6, 3, 1, 2, 1), (8, 4, 2, 3, 9), (16, 4, 2, 4, 8), (32, 4, 2, 16, 16)]
 
 
 def _vjp_all(f, x, w, seed):
@@ -51,6 +52,24 @@ def test_cpu_conv_transpose_equals_native(side, k, s, c_in, c_out):
     assert got[0].shape == want[0].shape
     for a, b in zip(got, want):
         _close(a, b)
+
+
+@pytest.mark.parametrize("side,k,s,c_in,c_out", [(8, 4, 2, 3, 5), (12, 6, 3, 2, 4), (8, 6, 2, 3, 2),
+                                                 (6, 4, 1, 2, 3), (10, 2, 2, 1, 1), (8, 4, 2, 16, 16)])
+def test_matmul_kernel_grad_equals_native(side, k, s, c_in, c_out):
+    """The one-matmul weight gradient equals autodiff of lax's strided convolution, for any
+    kernel that is a multiple of the stride (not only where the dispatch picks it)."""
+    x = jax.random.normal(jax.random.key(side), (3, side, side, c_in))
+    w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out))
+    y, vjp = jax.vjp(lambda w: conv_lib.conv_native(x, w, (s, s), "SAME"), w)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    _close(conv_lib.strided_conv_kernel_grad_matmul(x, g, (k, k), (s, s)), vjp(g)[0])
+
+
+def test_matmul_kernel_grad_dispatch():
+    assert conv_lib.matmul_kernel_grad_pays((64, 32, 32, 32), 32)       # enc_conv1, dec_deconv2
+    assert not conv_lib.matmul_kernel_grad_pays((64, 16, 16, 32), 64)   # enc_conv2
+    assert not conv_lib.matmul_kernel_grad_pays((64, 64, 64, 1), 32)    # enc_conv0
 
 
 def test_cpu_path_is_taken_and_falls_back():
