@@ -11,7 +11,10 @@ vmapped) against one model, seconds per model-step; with ``--layers`` each layer
 forward + backward time in both frameworks (the table in docs/performance.md).
 
 Rounds alternate between the frameworks (vaekl's steps, then PyTorch's, …) so that a busy
-machine slows both alike; the medians over all steps are compared.
+machine slows both alike; the medians over all steps are compared. PyTorch runs twice: as a
+researcher would run it (glibc's default allocator) and with the allocator setting vaekl's
+entry points make (``vaekl/host_memory.py``: freed memory kept, no page faults per step),
+so that the ratio is shown with and without that advantage.
 
 PyTorch is not a vaekl dependency. Install it in a separate environment, e.g.
 
@@ -66,8 +69,10 @@ def pin(core: int) -> int:
 class TorchWorker:
     """The PyTorch model in another interpreter, driven line by line over a pipe."""
 
-    def __init__(self, python: str, device: str = "cpu", threads: int = 1):
-        self.proc = subprocess.Popen([python, TORCH_WORKER, "--serve", "--threads", str(threads), "--device", device],
+    def __init__(self, python: str, device: str = "cpu", threads: int = 1, keep_freed_memory: bool = False):
+        flags = ["--keep_freed_memory"] if keep_freed_memory else []
+        self.proc = subprocess.Popen([python, TORCH_WORKER, "--serve", "--threads", str(threads), "--device", device,
+                                      *flags],
                                      stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.info = self.ask("info")
@@ -129,9 +134,13 @@ def main() -> None:
     batch = setup.config.batch_size
     flops = step_flops(setup.state.params) * batch
 
-    torch = None
+    torch, workers = None, {}
     if args.torch_python and (os.path.exists(args.torch_python) or "/" not in args.torch_python):
-        torch = TorchWorker(args.torch_python, args.device_torch, 1 if core is not None else os.cpu_count())
+        threads = 1 if core is not None else os.cpu_count()
+        workers = {"pytorch": TorchWorker(args.torch_python, args.device_torch, threads)}
+        if args.device_torch == "cpu":
+            workers["pytorch_keep_freed"] = TorchWorker(args.torch_python, args.device_torch, threads, True)
+        torch = workers["pytorch"]
     else:
         print(INSTALL)
     n = 1024
@@ -140,21 +149,22 @@ def main() -> None:
     jax.block_until_ready(mm(a))
     jax_peak = 2 * n**3 / float(np.median(median_times(lambda: jax.block_until_ready(mm(a)), 10))) / 1e9
 
-    times = {"vaekl": [], "pytorch": []}
+    times = {"vaekl": [], **{name: [] for name in workers}}
     one()  # compile
-    if torch:
-        torch.ask(f"steps {1}")
+    for worker in workers.values():
+        worker.ask(f"steps {1}")
     for _ in range(args.rounds):
         times["vaekl"] += [t / per_call for t in median_times(one, max(1, args.steps // per_call))]
-        if torch:
-            times["pytorch"] += torch.ask(f"steps {args.steps}")
+        for name, worker in workers.items():
+            times[name] += worker.ask(f"steps {args.steps}")
     res = {"device": jax.devices()[0].device_kind, "core": core, "jax": jax.__version__, "steps_per_call": per_call,
            "step_gflop": flops / 1e9, "matmul_ceiling_gflops": {"jax": jax_peak},
            "seconds_per_step": {k: float(np.median(v)) for k, v in times.items() if v}}
     if torch:
         res["torch"] = torch.info["torch"]
         res["matmul_ceiling_gflops"]["pytorch"] = torch.ask("matmul")
-        res["pytorch_over_vaekl"] = res["seconds_per_step"]["pytorch"] / res["seconds_per_step"]["vaekl"]
+        for name in workers:
+            res[f"{name}_over_vaekl"] = res["seconds_per_step"][name] / res["seconds_per_step"]["vaekl"]
     res["gflops"] = {k: flops / 1e9 / v for k, v in res["seconds_per_step"].items()}
 
     where = f"one core ({core}), one thread each" if core is not None else res["device"]
@@ -162,10 +172,12 @@ def main() -> None:
           f"ceiling {jax_peak:.0f} GFLOP/s (jax)" +
           (f", {res['matmul_ceiling_gflops']['pytorch']:.0f} (PyTorch {res['torch']})" if torch else ""))
     for k, v in res["seconds_per_step"].items():
-        print(f"  {k:8s} {v:.4f} s/step  {res['gflops'][k]:6.1f} GFLOP/s  "
+        print(f"  {k:18s} {v:.4f} s/step  {res['gflops'][k]:6.1f} GFLOP/s  "
               f"{res['gflops'][k] / jax_peak:5.1%} of the matmul ceiling")
     if torch:
-        print(f"  PyTorch ÷ vaekl: {res['pytorch_over_vaekl']:.2f}× (above 1: vaekl faster)")
+        print(f"  PyTorch ÷ vaekl: {res['pytorch_over_vaekl']:.2f}× (above 1: vaekl faster)" +
+              (f"; PyTorch with freed memory kept ÷ vaekl: {res['pytorch_keep_freed_over_vaekl']:.2f}×"
+               if "pytorch_keep_freed" in workers else ""))
 
     save(args.out, res)  # what is measured so far survives a time limit on what follows
     if args.group > 1:
@@ -181,8 +193,8 @@ def main() -> None:
         if torch:
             res["layers"]["pytorch"] = torch.ask(f"layers {args.steps * args.rounds}")
         print_layers(res["layers"])
-    if torch:
-        torch.close()
+    for worker in workers.values():
+        worker.close()
     save(args.out, res)
 
 

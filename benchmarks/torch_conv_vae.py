@@ -7,13 +7,19 @@ locatello_dsprites.py:beta_vae``: 64×64×1 binary images, encoder 4 × [4×4 st
 4·4·64, 4 × 4×4 stride-2 transposed conv (64, 32, 32, 1), ReLU, Bernoulli likelihood
 (logits), closed-form KL to N(0, I) with weight β, Adam (1e-4, 0.9, 0.999, 1e-8), batch 64.
 
-    python benchmarks/torch_conv_vae.py --steps 20 --threads 1 [--layers]
+    python benchmarks/torch_conv_vae.py --steps 20 --threads 1 [--layers] [--keep_freed_memory]
+
+``--keep_freed_memory`` gives PyTorch the glibc allocator setting vaekl's entry points use
+(``vaekl/host_memory.py``, loaded by path so that this interpreter needs no jax): PyTorch's
+step page-faults its freed buffers back in too, and is faster with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import time
 
 import numpy as np
@@ -80,7 +86,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--serve", action="store_true",
                    help="answer commands on stdin, one JSON line each: info | steps N | matmul | layers N")
+    p.add_argument("--keep_freed_memory", action="store_true", help="glibc keeps freed memory (as vaekl does)")
     args = p.parse_args()
+    kept = _host_memory().keep_freed_memory() if args.keep_freed_memory else False
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -99,21 +107,30 @@ def main() -> None:
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
     matmul = lambda: 2 * n**3 / median_time(lambda: (a @ b, sync()), 10) / 1e9  # noqa: E731
     if args.serve:
-        serve(model, x, step, matmul)
+        serve(model, x, step, matmul, kept)
         return
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "keep_freed_memory": kept,
            "step_s": median_time(step, args.steps), "matmul_gflops": matmul()}
     if args.layers:
         out["layers"] = layer_times(model, x, args.steps)
     print(json.dumps(out))
 
 
-def serve(model, x, step, matmul) -> None:
+def _host_memory():
+    """vaekl/host_memory.py as a module, without importing the vaekl package (and jax)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vaekl", "host_memory.py")
+    spec = importlib.util.spec_from_file_location("host_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def serve(model, x, step, matmul, kept: bool = False) -> None:
     import sys  # pylint: disable=g-import-not-at-top
     for line in sys.stdin:
         cmd, *arg = line.split()
         if cmd == "info":
-            out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+            out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "keep_freed_memory": kept}
         elif cmd == "steps":
             step()
             out = []
