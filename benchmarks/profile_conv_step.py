@@ -53,7 +53,7 @@ def hlo_info(dump: str) -> dict[str, dict]:
     return info
 
 
-def profile(steps: int) -> dict:
+def profile(steps: int, top: int = 20) -> dict:
     """Profiles ``steps`` steps; JAX is imported here, after XLA_FLAGS asks for one thread and an
     HLO dump (so that importing this module for :func:`markdown` changes nothing)."""
     dump = tempfile.mkdtemp(prefix="vaekl-profile-hlo-")
@@ -90,7 +90,7 @@ def profile(steps: int) -> dict:
     for name, ms in per.items():
         kinds[kind(name)] += ms
     top = [{"kernel": n, "ms": round(ms, 3), "kind": kind(n), **info.get(n, {})}
-           for n, ms in sorted(per.items(), key=lambda x: -x[1])[:20]]
+           for n, ms in sorted(per.items(), key=lambda x: -x[1])[:top]]
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "seconds_per_step": seconds,
             "kernels_ms_per_step": sum(per.values()), "by_kind_ms": dict(sorted(kinds.items(), key=lambda x: -x[1])),
             "top_kernels": top, "kernels": len(per)}
@@ -149,6 +149,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--core", type=int, default=-1, help="the core to run on (-1: the last usable one)")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=20, help="how many of the slowest kernels to keep")
     p.add_argument("--out", default="", help="write the profile as JSON here")
     p.add_argument("--md", default="", help="write docs/performance.md here")
     p.add_argument("--vs_pytorch", default=os.path.join(REPO, "docs/reproductions/bench_vs_pytorch_cpu.json"))
@@ -159,7 +160,7 @@ def main() -> None:
     else:
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[a.core] if a.core < 0 else a.core})
-        prof = profile(a.steps)
+        prof = profile(a.steps, a.top)
     print(f"{prof['seconds_per_step']:.3f} s/step; kernels {prof['kernels_ms_per_step']:.0f} ms/step")
     for k, v in prof["by_kind_ms"].items():
         print(f"  {v:8.1f} ms  {k}")

@@ -112,34 +112,38 @@ def conv_transpose_by_phases(x: jax.Array, kernel: jax.Array, strides: int | Seq
     return _by_phases(x, kernel, _pair(strides), padding)
 
 
+def _phases(n: int, k: int, s: int, padding: str) -> tuple[int, list[tuple[int, int, int]]]:
+    """Along one axis of a transposed convolution (input size n, kernel k, stride s): the output
+    size per phase and, for each output phase r, (first tap t₀, pad low, pad high) of the
+    stride-1 correlation of the input with taps t₀, t₀ + s, … that computes it."""
+    low, high = transpose_padding(k, s, padding)
+    out = low + (n - 1) * s + 1 + high - k + 1
+    if out % s:
+        raise ValueError(f"conv_transpose: output size {out} is not a multiple of the stride {s}")
+    phases = []
+    for r in range(s):
+        t0 = (low - r) % s
+        taps = len(range(t0, k, s))
+        start = (r + t0 - low) // s          # input index of tap t0 at m = 0
+        m = out // s
+        phases.append((t0, -start, m + taps - 1 - n + start))  # (first tap, pad low, pad high)
+    return out // s, phases
+
+
+def _interleave(rows: list[list[jax.Array]]) -> jax.Array:
+    """Phase outputs rows[r][q] [B, M, N, O] → the output [B, s·M, s·N, O] (row s·m + r, column s·n + q)."""
+    y = jnp.stack([jnp.stack(cols, axis=3) for cols in rows], axis=2)   # [B, M, sh, N, sw, O]
+    b, m, sh, n, sw, o = y.shape
+    return y.reshape(b, m * sh, n * sw, o)
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3))  # one program per shape, called outside a trace too
 def _by_phases(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: str) -> jax.Array:
     (h, w), (kh, kw) = x.shape[1:3], kernel.shape[:2]
-    axes = []
-    for n, k, s in ((h, kh, strides[0]), (w, kw, strides[1])):
-        low, high = transpose_padding(k, s, padding)
-        out = low + (n - 1) * s + 1 + high - k + 1
-        if out % s:
-            raise ValueError(f"conv_transpose: output size {out} is not a multiple of the stride {s}")
-        phases = []
-        for r in range(s):
-            t0 = (low - r) % s
-            taps = len(range(t0, k, s))
-            start = (r + t0 - low) // s          # input index of tap t0 at m = 0
-            m = out // s
-            phases.append((t0, -start, m + taps - 1 - n + start))  # (first tap, pad low, pad high)
-        axes.append((s, out // s, phases))
-    (sh, mh, ph), (sw, mw, pw) = axes
-    rows = []
-    for t0h, lo_h, hi_h in ph:
-        cols = []
-        for t0w, lo_w, hi_w in pw:
-            y = lax.conv_general_dilated(x, kernel[t0h::sh, t0w::sw], (1, 1), [(lo_h, hi_h), (lo_w, hi_w)],
-                                         dimension_numbers=DIMENSION_NUMBERS)
-            cols.append(y)
-        rows.append(jnp.stack(cols, axis=3))           # [B, mh, mw, sw, C]
-    y = jnp.stack(rows, axis=2)                         # [B, mh, sh, mw, sw, C]
-    return y.reshape(x.shape[0], mh * sh, mw * sw, kernel.shape[-1])
+    (_, ph), (_, pw) = _phases(h, kh, strides[0], padding), _phases(w, kw, strides[1], padding)
+    return _interleave([[lax.conv_general_dilated(x, kernel[t0h::strides[0], t0w::strides[1]], (1, 1),
+                                                  [(lo_h, hi_h), (lo_w, hi_w)], dimension_numbers=DIMENSION_NUMBERS)
+                         for t0w, lo_w, hi_w in pw] for t0h, lo_h, hi_h in ph])
 
 
 # ----------------------------------------------------------------------------------------
