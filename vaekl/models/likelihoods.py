@@ -34,18 +34,13 @@ class Likelihood(nnx.Module):
         return self.log_var[...] if self.kind == "gaussian_learned" else jnp.asarray(self.log_var_init)
 
     def log_prob(self, x: jax.Array, out: jax.Array) -> jax.Array:
-        """log p(x|z) [...] in nats for images x [..., H, W, C] and decoder outputs ``out``.
-
-        Pixels are summed as one flat axis: XLA:CPU reduces [B, H, W, 1] ten times slower than
-        [B, H·W] (the 64×64 conv VAE's loss: 2.5 → 0.26 ms a step)."""
-        event = jnp.broadcast_shapes(x.shape[-3:], out.shape[-3:])
-        x, out = (jnp.broadcast_to(a, a.shape[:-3] + event).reshape(*a.shape[:-3], -1) for a in (x, out))
+        """log p(x|z) [...] in nats for images x [..., H, W, C] and decoder outputs ``out``."""
         if self.kind == "bernoulli":
             ll = x * out - jax.nn.softplus(out)
         else:
             log_var = self._log_var()
             ll = -0.5 * (jnp.square(x - out) * jnp.exp(-log_var) + log_var + math.log(2 * math.pi))
-        return jnp.sum(ll, axis=-1)
+        return jnp.sum(ll, axis=(-3, -2, -1))
 
     def mean(self, out: jax.Array) -> jax.Array:
         """E[x|z], [..., H, W, C]."""
