@@ -182,6 +182,7 @@ def main() -> None:
     save(args.out, res)  # what is measured so far survives a time limit on what follows
     if args.group > 1:
         modes = args.group_modes.split(",")
+        res["group_size"] = args.group
         res["group"] = group_times(conv_step, setup, args.group, args.rounds, args.steps, one, per_call, modes)
         save(args.out, res)
         g = res["group"]

@@ -76,8 +76,8 @@ def _median(fn, *args, n: int) -> float:
 
 
 def layer_times(n: int = 10, batch: int = 64) -> dict[str, dict[str, float]]:
-    """{layer: {fwd, fwd_bwd, fwd_bwd_native}} seconds: the forward pass, and the gradient with
-    respect to input and kernel (as PyTorch's layer benchmark computes) for a random cotangent
+    """{layer: {fwd, fwd_bwd, fwd_bwd_native}} seconds: the forward pass, and the forward pass with
+    the gradient with respect to input and kernel (as PyTorch's layer benchmark computes) for a random cotangent
     (a constant one would let XLA fold work away), on this backend's path and on XLA's native
     convolutions."""
     out = {}
@@ -87,7 +87,10 @@ def layer_times(n: int = 10, batch: int = 64) -> dict[str, dict[str, float]]:
         op = conv_lib.conv_transpose if transposed else conv_lib.conv
         f = lambda x, w, impl="auto", op=op: op(x, w, 2, "SAME", impl=impl)  # noqa: E731
         g = jax.random.normal(jax.random.key(2), f(x, w, "native").shape)
-        grad = lambda impl, f=f, g=g: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w, impl) * g), (0, 1)))  # noqa: E731
+        # The value too, so that the forward pass is computed (the gradient of this linear loss
+        # alone does not need it, and XLA would drop it), as PyTorch's forward + backward does.
+        grad = lambda impl, f=f, g=g: jax.jit(jax.value_and_grad(  # noqa: E731
+            lambda x, w: jnp.sum(f(x, w, impl) * g), (0, 1)))
         out[name] = {"fwd": _median(jax.jit(f), x, w, n=n), "fwd_bwd": _median(grad("auto"), x, w, n=n),
                      "fwd_bwd_native": _median(grad("native"), x, w, n=n)}
     return out

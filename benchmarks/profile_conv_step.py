@@ -111,7 +111,14 @@ def markdown(prof: dict, vs: dict | None) -> str:
                 f"= **{vs['pytorch_over_vaekl']:.2f}×** (above 1: vaekl faster). A step is "
                 f"{vs['step_gflop']:.2f} GFLOP; the matmul ceiling measured in that run: "
                 f"{vs['matmul_ceiling_gflops']['jax']:.0f} GFLOP/s, so the floor is "
-                f"{vs['step_gflop'] / vs['matmul_ceiling_gflops']['jax']:.3f} s/step.", "",
+                f"{vs['step_gflop'] / vs['matmul_ceiling_gflops']['jax']:.3f} s/step.", ""]
+        if "pytorch_keep_freed" in sps:
+            out += [f"PyTorch given the allocator setting vaekl's entry points make (`vaekl/host_memory.py`: "
+                    f"glibc keeps freed memory, so a step's buffers are not page-faulted in again) takes "
+                    f"{sps['pytorch_keep_freed']:.3f} s/step: against that, PyTorch ÷ vaekl = "
+                    f"**{vs['pytorch_keep_freed_over_vaekl']:.2f}×**. Both frameworks lose ~20 ms a step to "
+                    "page faults with glibc's defaults; a researcher's PyTorch script has them.", ""]
+        out += [
                 "| layer | vaekl fwd [ms] | vaekl fwd+bwd | vaekl fwd+bwd, XLA's native gradients | "
                 "PyTorch fwd | PyTorch fwd+bwd |", "|---|---|---|---|---|---|"]
         lay = vs["layers"]
@@ -122,9 +129,16 @@ def markdown(prof: dict, vs: dict | None) -> str:
         tot = sum(v["fwd_bwd"] for v in lay["vaekl"].values())
         tt = sum(t[1] for t in lay["pytorch"].values())
         out += ["", f"Each layer alone: vaekl {1e3 * tot:.0f} ms, PyTorch {1e3 * tt:.0f} ms of forward + "
-                f"backward; the whole step is {1e3 * sps['vaekl']:.0f} vs {1e3 * sps['pytorch']:.0f} ms. "
-                "So vaekl's layers are faster alone, and its step is slower: the time is lost between "
-                "and around the layers, in the compiled step (below).", ""]
+                f"backward; the whole step is {1e3 * sps['vaekl']:.0f} vs {1e3 * sps['pytorch']:.0f} ms. " +
+                ("So vaekl's layers are faster alone by more than its step is: the rest of the time goes "
+                 "between and around the layers, in the compiled step (below)."
+                 if tot / tt < sps["vaekl"] / sps["pytorch"] else
+                 "The layers alone account for the step's difference."), ""]
+        if "group" in vs:
+            g = vs["group"]
+            out += [f"A group of {vs.get('group_size', 4)} models in one compiled program: "
+                    + ", ".join(f"{mode} {g[mode]:.3f} s per model-step ({g[mode] / g['one']:.2f}× one model's "
+                                f"{g['one']:.3f})" for mode in g if mode != "one") + ".", ""]
     kt = prof["kernels_ms_per_step"]
     out += [f"## Inside vaekl's compiled step (XLA:CPU profile, {prof['device']}, jax {prof['jax']})", "",
             f"{prof['seconds_per_step']:.3f} s/step measured, {kt:.0f} ms of kernels per step in "
@@ -133,15 +147,24 @@ def markdown(prof: dict, vs: dict | None) -> str:
     out += ["", "The slowest kernels:", "", "| kernel | ms/step | kind | output | from |", "|---|---|---|---|---|"]
     out += [f"| {t['kernel']} | {t['ms']:.1f} | {t['kind']} | `{t.get('shape', '')}` | `{t.get('op', '')[:70]}` |"
             for t in prof["top_kernels"][:15]]
-    out += ["", "Reading it: the convolutions XLA:CPU hands to YNNPACK are most of the step; the weight "
-            "gradient of the 32→32-channel layer at 32×32 (`transpose(jvp(...))/conv_general_dilated`, output "
-            "`[32,4,4,32]`) needs the activations transposed first (a `transpose_copy_fusion` of the same size), "
-            "and the two together are the largest single cost. Tried for that weight gradient alone (one "
-            "core shared with a training run, batch 64; not kept, no result file) and slower than XLA's own: "
-            "space-to-depth sums, an im2col matmul, one matmul per kernel tap (`vaekl.models.conv.strided_conv_kernel_grad` keeps the space-to-depth form "
-            "for few output channels only). What is left between vaekl and the floor: the layout changes, the "
-            "elementwise loops around the convolutions (ReLU and its gradient, the Bernoulli loss, Adam), and "
-            "the convolutions' own efficiency."]
+    out += ["", "Reading it: the convolutions and dots XLA:CPU hands to YNNPACK are most of the step. "
+            "The two 32×32×32→32 weight gradients are one matmul each over the space-to-depth phases "
+            "(`vaekl.models.conv.strided_conv_kernel_grad_matmul`: the `dot_general` to `[128,128]`, with the "
+            "phases' transpose `copy_bitcast_fusion` and the shifted cotangent `slice_concatenate_fusion` that "
+            "feed it); XLA's own weight gradient there took a transpose of the activations plus a slower "
+            "convolution (step 120.7 → 109.0 ms, A/B in one process). The `transpose_copy_fusion` `[1,64,64,64]` "
+            "and the first layer's weight gradient `[1,4,4,32]` read the batch batch-minor, with dSprites' "
+            "rendering fused into them (XLA:CPU drops `optimization_barrier`, so the batch cannot be "
+            "materialized first).", "",
+            "Tried and not kept (no gain in the step measured side by side): the 1-channel layers as matmuls "
+            "(im2col for the first convolution: its forward 1.0 → 9.2 ms; the last transposed convolution as "
+            "one matmul and shifted sums: forward 6.3 → 3.5 ms alone, the step unchanged), the matmul weight "
+            "gradient on the 16×16 and 8×8 layers or the 1-channel ones (slower), summing the likelihood over "
+            "a flat pixel axis (the scalar reduction 2.5 → 0.26 ms, but XLA then fused the loss gradient "
+            "into a 4-D pad costing as much). What is left between vaekl and the floor: the layout changes "
+            "around the convolutions (phase interleaving, padding, space-to-depth), the elementwise loops "
+            "(bias + ReLU and its gradient at 32×32×32 run at a few GB/s), and the convolutions' own "
+            "efficiency (~90 GFLOP/s for the 32-channel layers against a ~145 GFLOP/s matmul ceiling)."]
     return "\n".join(out) + "\n"
 
 
