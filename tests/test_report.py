@@ -358,6 +358,15 @@ def test_locatello_summary_from_a_fake_study(tmp_path):
     row = ls.readme_row(r)
     assert row.startswith("| Locatello et al. 2019 study (dSprites, CPU-sized) |") and row.count(" | ") == 6
     assert "125 s per model per 1,000 steps in steady state (625 with start-up)" in row
+    # The README's KL-view paragraph reads its numbers from the result: β-VAE's TC 1 → 4.
+    para = ls.kl_view_md(r)
+    tc_lo, tc_hi = (r["kl_view"]["beta_vae"]["split_by_strength"][b]["total_correlation"] for b in ("1", "4"))
+    assert f"β-VAE (β 1 → 4): KL " in para and f"total correlation {tc_lo:.2f} → {tc_hi:.2f}" in para
+    assert para.startswith("At 16 steps the best median MIG is 0.") and "uninformative" not in para
+    from experiments.reproduce import summarize  # pylint: disable=g-import-not-at-top
+    text = "a\n<!-- locatello-kl:start -->\nold\n<!-- locatello-kl:end -->\nb"
+    assert summarize._fill(text, summarize.KL_START, summarize.KL_END, para) == \
+        f"a\n<!-- locatello-kl:start -->\n{para}\n<!-- locatello-kl:end -->\nb"
     # Evaluation cost: each eval.json's own eval_seconds once every run has one (evaluations may
     # run beside training, so timing.txt's wall time would not count them).
     for run, ev in evals.items():

@@ -516,6 +516,46 @@ def kl_figure(view: dict, methods: dict[str, dict]) -> plt.Figure:
 # Tables and the README row.
 
 
+def _change(split: dict, key: str, digits: int) -> str:
+    """'a → b' of ``key`` from the weakest to the strongest strength of a method's KL split."""
+    lo, hi = (split[k][key] for k in sorted(split, key=float)[::len(split) - 1 or 1])
+    return f"{lo:.{digits}f} → {hi:.{digits}f}"
+
+
+def kl_view_md(result: dict) -> str:
+    """The README's paragraph on the study's KL view, every number read from ``result``: per
+    method the KL and its total-correlation and dimension-wise parts from the weakest to the
+    strongest strength (seed means, nats), and how β-VAE's most active dimension at β's weakest
+    strength splits into the three terms."""
+    steps = result["cost"].get("steps_per_model")
+    inf = informative(result["methods"])
+    best = inf.get("best_median_mig")
+    out = [f"At {steps:,.0f} steps the best median MIG is {best:.3f}" if best is not None and steps else "",
+           (" (below 0.1: no model has begun to disentangle, so the published scores are not reached and the "
+            "seed-versus-method comparison is marked uninformative)." if best is not None and not inf.get("informative")
+            else "."), " What the runs do show is the KL view (right; `kl_view` in the json), weakest → strongest "
+           "strength, seed means in nats:"]
+    parts = []
+    for method, v in result["kl_view"].items():
+        split = v["split_by_strength"]
+        if len(split) < 2 or any(split[k][x] is None for k in split for x in ("kl", "total_correlation", "dimwise_kl")):
+            continue
+        m = result["methods"][method]
+        sym = STRENGTH_SYMBOL.get(m["strength_field"], m["strength_field"])
+        parts.append(f"{m['title']} ({sym} {m['strengths'][0]:g} → {m['strengths'][-1]:g}): KL {_change(split, 'kl', 1)}, "
+                     f"total correlation {_change(split, 'total_correlation', 2)}, dimension-wise KL "
+                     f"{_change(split, 'dimwise_kl', 1)}")
+    out.append(" " + "; ".join(parts) + ".")
+    dims = result["kl_view"].get("beta_vae", {}).get("per_dim", {}).get("weakest", {})
+    if dims.get("kl"):
+        kl, ma, ld, tr = dims["kl"][0], dims["half_mahalanobis"][0], dims["half_log_det"][0], dims["half_trace_minus_1"][0]
+        out.append(f" Within β-VAE's most active dimension at β = {dims['strength']:g} ({kl:.2f} nats), the "
+                   f"Mahalanobis term ½μ² is {ma:.2f}, −½ log σ² is {ld:.2f} and ½(σ² − 1) is "
+                   + f"{tr:.2f}.".replace("-", "−"))
+    out.append(f" These are {steps:,.0f}-step models: a direction of movement, not a converged value.")
+    return "".join(out)
+
+
 def _fmt(s: dict | None) -> str:
     if not s or s.get("median") is None:
         return "–"

@@ -47,6 +47,7 @@ SLICE_NAME = "locatello_slice_cpu"
 GPU_SLICE_NAME = "locatello_beta_tc_vae_gpu"  # written by experiments.reproduce.gpu_results
 
 START, END = "<!-- reproductions:start -->", "<!-- reproductions:end -->"
+KL_START, KL_END = "<!-- locatello-kl:start -->", "<!-- locatello-kl:end -->"  # the study's KL-view paragraph
 
 
 def wall_minutes(*run_dirs: str, end_file: str = rundir.SAMPLES) -> float:
@@ -520,6 +521,15 @@ def locatello_md(results: dict[str, dict | None]) -> str | None:
     return "\n".join(parts) if parts else None
 
 
+def _fill(text: str, start: str, end: str, md: str) -> str:
+    """``text`` with what stands between the markers ``start`` and ``end`` replaced by ``md``
+    (unchanged when a marker is missing)."""
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + md + "\n" + end + rest.split(end, 1)[1]
+
+
 def main(argv):
     del argv
     os.makedirs(_OUT.value, exist_ok=True)
@@ -532,12 +542,11 @@ def main(argv):
     with open(os.path.join(_OUT.value, "table.md"), "w") as f:
         f.write(md + "\n")
     if _README.value:
-        text = open(_README.value).read()
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + START + "\n" + md + "\n" + END + rest.split(END, 1)[1]
-            with open(_README.value, "w") as f:
-                f.write(text)
+        text = _fill(open(_README.value).read(), START, END, md)
+        if results.get("locatello"):
+            text = _fill(text, KL_START, KL_END, locatello_summary.kl_view_md(results["locatello"]))
+        with open(_README.value, "w") as f:
+            f.write(text)
     print(md)
 
 
