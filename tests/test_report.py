@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -310,6 +311,12 @@ def test_locatello_summary_from_a_fake_study(tmp_path):
         writer.add_scalar("train_batch/loss" if step else "test/loss", 1.0, step, walltime=wall)
     writer.close()
     assert ls.train_batch_times(os.path.join(runs, "beta_vae", "beta=1,seed=0")) == {8: 100.0, 16: 101.0, 24: 102.5}
+    grouped = str(tmp_path / "grouped")  # the same events, from a run trained in a group of 2
+    shutil.copytree(os.path.join(runs, "beta_vae", "beta=1,seed=0", "tensorboard"), os.path.join(grouped, "tensorboard"))
+    assert ls.steady_seconds_per_1k_steps(grouped) == pytest.approx(125.0)
+    with open(os.path.join(grouped, "group_commit.json"), "w") as f:
+        json.dump({"step": 16, "members": ["a", "b"]}, f)
+    assert ls.steady_seconds_per_1k_steps(grouped) == pytest.approx(62.5)  # each step's time shared by 2
     r = ls.summarize(runs, out)
     for name in ("locatello_dsprites.json", "locatello_dsprites.md", "locatello_dsprites.png", "locatello_kl.png"):
         assert os.path.getsize(os.path.join(out, name)) > 500

@@ -42,7 +42,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from experiments.reproduce import locatello_dsprites
-from vaekl import analysis, rundir
+from vaekl import analysis, rundir, train
 from vaekl import runs as runs_lib
 
 NAME = "locatello_dsprites"
@@ -187,11 +187,15 @@ def train_batch_times(run_dir: str) -> dict[int, float]:
 
 
 def steady_seconds_per_1k_steps(run_dir: str) -> float | None:
-    """Training seconds per 1,000 steps without start-up, compilation or evaluation: the
-    fastest interval between consecutive logged training steps (after the first log)."""
+    """Training seconds per model and 1,000 steps without start-up, compilation or evaluation:
+    the fastest interval between consecutive logged training steps (after the first log),
+    divided by the models that shared the program's steps (its group's members, from the run's
+    group commit marker; 1 for a run trained alone)."""
     t = sorted(train_batch_times(run_dir).items())
     rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(t, t[1:]) if b[0] > a[0] and b[1] >= a[1]]
-    return 1000 * min(rates) if rates else None
+    marker = train.read_group_commit(run_dir)
+    members = len(marker["members"]) if marker and marker["members"] else 1
+    return 1000 * min(rates) / members if rates else None
 
 
 def cost(runs_dir: str, records: Sequence[dict]) -> dict:
