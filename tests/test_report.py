@@ -364,7 +364,7 @@ def test_locatello_summary_from_a_fake_study(tmp_path):
     assert md.count("\n| β-VAE | β ∈ {1, 4} × 2 seed(s) | ") == 1 and "Chen et al. 2018" in md
     row = ls.readme_row(r)
     assert row.startswith("| Locatello et al. 2019 study (dSprites, CPU-sized) |") and row.count(" | ") == 6
-    assert "125 s per model per 1,000 steps in steady state (625 with start-up)" in row
+    assert "125 s per model per 1,000 steps of one core in steady state (625 of wall time with start-up" in row
     # The README's KL-view paragraph reads its numbers from the result: β-VAE's TC 1 → 4.
     para = ls.kl_view_md(r)
     tc_lo, tc_hi = (r["kl_view"]["beta_vae"]["split_by_strength"][b]["total_correlation"] for b in ("1", "4"))

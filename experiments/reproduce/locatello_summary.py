@@ -661,9 +661,10 @@ def readme_row(result: dict) -> str:
     ours = (f"FactorVAE score {best('factor_vae.factor_vae_score')}; MIG β-TCVAE {best('beta_tc_vae.mig')}, "
             f"β-VAE {best('beta_vae.mig')} (best seed medians); β-TCVAE above β-VAE at same β: {above}; {seed}")
     time = (f"{_num(train_min, 1)} min train"
-            + (f" + {eval_min:.1f} min eval" if eval_min is not None else " (evaluation not timed)")
-            + f"; {_num(c.get('steady_seconds_per_model_per_1k_steps'), 0)} s per model per 1,000 steps in steady "
-            f"state ({_num(c['seconds_per_model_per_1k_steps'], 0)} with start-up)")
+            + (f" + {eval_min:.1f} min eval (summed over models)" if eval_min is not None else " (evaluation not timed)")
+            + f"; {_num(c.get('steady_seconds_per_model_per_1k_steps'), 0)} s per model per 1,000 steps of one core "
+            f"in steady state ({_num(c['seconds_per_model_per_1k_steps'], 0)} of wall time with start-up, "
+            "the launchers side by side)")
     notes = (f"{len(methods)} method(s) × {'/'.join(map(str, strengths))} strengths × {'/'.join(map(str, seeds))} "
              f"seed(s), {steps} of 300,000 steps; see locatello_dsprites.md; full scale: `python -m launch.sweep "
              "--config=experiments/reproduce/locatello_dsprites.py:METHOD`")
