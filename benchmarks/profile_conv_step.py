@@ -134,9 +134,9 @@ def markdown(prof: dict, vs: dict | None) -> str:
                  "between and around the layers, in the compiled step (below)."
                  if tot / tt < sps["vaekl"] / sps["pytorch"] else
                  "The layers alone account for the step's difference."), ""]
-        if "group" in vs:
+        if "group_size" in vs:
             g = vs["group"]
-            out += [f"A group of {vs.get('group_size', 4)} models in one compiled program: "
+            out += [f"A group of {vs['group_size']} models in one compiled program: "
                     + ", ".join(f"{mode} {g[mode]:.3f} s per model-step ({g[mode] / g['one']:.2f}× one model's "
                                 f"{g['one']:.3f})" for mode in g if mode != "one") + ".", ""]
     kt = prof["kernels_ms_per_step"]

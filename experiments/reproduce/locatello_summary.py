@@ -522,7 +522,8 @@ def kl_figure(view: dict, methods: dict[str, dict]) -> plt.Figure:
 
 def _change(split: dict, key: str, digits: int) -> str:
     """'a → b' of ``key`` from the weakest to the strongest strength of a method's KL split."""
-    lo, hi = (split[k][key] for k in sorted(split, key=float)[::len(split) - 1 or 1])
+    keys = sorted(split, key=float)
+    lo, hi = split[keys[0]][key], split[keys[-1]][key]
     return f"{lo:.{digits}f} → {hi:.{digits}f}"
 
 

@@ -150,6 +150,11 @@ def _by_phases(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], paddin
 # Weight gradients.
 
 
+def _same_pads(k: int, s: int) -> tuple[int, int]:
+    """(low, high) padding of a 'SAME' strided convolution along an axis divisible by s."""
+    return (k - s) // 2, k - s - (k - s) // 2
+
+
 def strided_conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_size: Sequence[int],
                              strides: Sequence[int]) -> jax.Array:
     """∂⟨g, conv(x, W)⟩/∂W for the 'SAME' strided convolution, [kh, kw, C, O], as sums over
@@ -160,7 +165,7 @@ def strided_conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_size: Sequence[i
     (kh, kw), (sh, sw) = kernel_size, strides
     b, h, w, c = x.shape
     ho, wo, o = g.shape[1:]
-    (lo_h, hi_h), (lo_w, hi_w) = ((kh - sh) // 2, kh - sh - (kh - sh) // 2), ((kw - sw) // 2, kw - sw - (kw - sw) // 2)
+    (lo_h, hi_h), (lo_w, hi_w) = _same_pads(kh, sh), _same_pads(kw, sw)
     xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
     mh, mw = kh // sh, kw // sw
     xs = xp.reshape(b, ho + mh - 1, sh, wo + mw - 1, sw, c)
@@ -193,7 +198,7 @@ def strided_conv_kernel_grad_matmul(x: jax.Array, g: jax.Array, kernel_size: Seq
     (kh, kw), (sh, sw) = kernel_size, strides
     b, h, w, c = x.shape
     ho, wo, o = g.shape[1:]
-    (lo_h, hi_h), (lo_w, hi_w) = ((kh - sh) // 2, kh - sh - (kh - sh) // 2), ((kw - sw) // 2, kw - sw - (kw - sw) // 2)
+    (lo_h, hi_h), (lo_w, hi_w) = _same_pads(kh, sh), _same_pads(kw, sw)
     mh, mw = kh // sh, kw // sw
     gh, gw = ho + mh - 1, wo + mw - 1                   # the phase grid
     xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
