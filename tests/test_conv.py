@@ -66,6 +66,33 @@ def test_matmul_kernel_grad_equals_native(side, k, s, c_in, c_out):
     _close(conv_lib.strided_conv_kernel_grad_matmul(x, g, (k, k), (s, s)), vjp(g)[0])
 
 
+@pytest.mark.parametrize("side,k,s,c_in,c_out", [(8, 4, 2, 1, 5), (12, 6, 3, 2, 4), (8, 6, 2, 3, 2),
+                                                 (6, 4, 1, 2, 3), (10, 2, 2, 1, 1), (8, 4, 2, 3, 16)])
+def test_taps_kernel_grad_equals_native(side, k, s, c_in, c_out):
+    """The strided-slice matmul weight gradient equals autodiff of lax's strided convolution,
+    for any channel count (the dispatch uses it at one input channel)."""
+    x = jax.random.normal(jax.random.key(side), (3, side, side, c_in))
+    w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out))
+    y, vjp = jax.vjp(lambda w: conv_lib.conv_native(x, w, (s, s), "SAME"), w)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    _close(conv_lib.strided_conv_kernel_grad_taps(x, g, (k, k), (s, s)), vjp(g)[0])
+
+
+@pytest.mark.parametrize("side,k,s,c_in,c_out,padding", [(8, 4, 2, 3, 1, "SAME"), (5, 4, 2, 2, 16, "SAME"),
+                                                         (6, 3, 2, 3, 2, "SAME"), (4, 4, 2, 2, 9, "VALID"),
+                                                         (4, 5, 3, 3, 1, "SAME")])
+def test_one_conv_transpose_equals_native(side, k, s, c_in, c_out, padding):
+    """The transposed convolution as one stride-1 convolution over s²·O channels equals
+    lax.conv_transpose, for any output channel count (the dispatch uses it below
+    SMALL_OUT_CHANNELS)."""
+    x = jax.random.normal(jax.random.key(side), (2, side, side, c_in))
+    w = jax.random.normal(jax.random.key(3), (k, k, c_in, c_out))
+    want = jax.lax.conv_transpose(x, w, (s, s), padding, dimension_numbers=conv_lib.DIMENSION_NUMBERS)
+    got = conv_lib._by_one_conv(x, w, (s, s), padding)  # pylint: disable=protected-access
+    assert got.shape == want.shape
+    _close(got, want)
+
+
 def test_matmul_kernel_grad_dispatch():
     assert conv_lib.matmul_kernel_grad_pays((64, 32, 32, 32), 32)       # enc_conv1, dec_deconv2
     assert not conv_lib.matmul_kernel_grad_pays((64, 16, 16, 32), 64)   # enc_conv2
