@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from vaekl import host_memory
+
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt is glibc's")
 
@@ -55,3 +57,32 @@ def test_switched_off_by_the_environment():
     assert applied == "False"
     # glibc mmaps and unmaps the block each time
     assert main > PAGES // 2 and worker > PAGES // 2, (main, worker)
+
+
+# Allocates 256 MiB with malloc after keep_freed_memory, touches it, and prints how much of the
+# process is backed by transparent huge pages (kB).
+HUGE_CHILD = """
+import ctypes, sys
+from vaekl import host_memory
+host_memory.keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+size = 256 << 20
+block = libc.malloc(size)
+ctypes.memset(block, 1, size)
+line = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")][0]
+print(int(line.split()[1]))
+"""
+
+
+def _huge_kb(env_value: str) -> int:
+    out = subprocess.run([sys.executable, "-c", HUGE_CHILD], capture_output=True, text=True, check=True,
+                         env={"VAEKL_HUGE_PAGES": env_value, "PATH": "/usr/bin:/bin"})
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(host_memory.thp_mode() != "madvise", reason="the kernel gives huge pages only on request here")
+def test_heap_is_backed_by_huge_pages():
+    """With the reservation a large malloc'd block is (mostly) in 2 MiB pages; without it none."""
+    assert _huge_kb("1") >= 200 << 10
+    assert _huge_kb("0") < 16 << 10

@@ -14,7 +14,15 @@ faults. The price is that the process keeps its peak heap until it exits, which 
 or evaluation process does anyway. Call it before the first thread allocates (entry points do,
 before jax starts its backend).
 
-Entry points call it (:func:`vaekl.cli.main`); ``VAEKL_KEEP_FREED_MEMORY=0`` turns it off.
+It also backs that heap with transparent huge pages where the kernel gives them on request
+(``/sys/kernel/mm/transparent_hugepage/enabled`` is ``madvise``, as on Debian): it reserves
+:data:`HUGE_PAGE_RESERVE` at the top of the heap, marks it ``MADV_HUGEPAGE`` and frees it
+again, so the blocks XLA allocates next are carved from 2 MiB pages (one TLB entry where
+there were 512). Measured on the conv VAE's step, both cores of this 2-core machine busy, one
+process pinned to each: 131 → 120 ms per step (median of 4 side-by-side pairs, every pair
+faster). Untouched, the reservation is address space only; ``VAEKL_HUGE_PAGES=0`` leaves it out.
+
+Entry points call it (:func:`vaekl.cli.main`); ``VAEKL_KEEP_FREED_MEMORY=0`` turns it all off.
 Elsewhere than Linux with glibc it does nothing.
 """
 
@@ -33,6 +41,10 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int: 2 GiB of free top-of-heap before any trim
+MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
+HUGE_PAGE_RESERVE = 1 << 30  # below _NEVER_TRIM, so that freeing it does not trim it away
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 _applied: bool | None = None
 
@@ -53,4 +65,33 @@ def keep_freed_memory() -> bool:
                         libc.mallopt(M_ARENA_MAX, 1)])
     except (OSError, AttributeError) as e:  # no libc to load, or one without mallopt
         LOG.debug("mallopt unavailable: %s", e)
+    if _applied and os.environ.get("VAEKL_HUGE_PAGES", "1") != "0" and thp_mode() == "madvise":
+        reserve_huge_pages(libc)
     return _applied
+
+
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'; '' if unknown)."""
+    try:
+        with open(THP_MODE) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+
+
+def reserve_huge_pages(libc, size: int = HUGE_PAGE_RESERVE) -> bool:
+    """Marks ``size`` bytes at the top of the heap ``MADV_HUGEPAGE`` (malloc, madvise, free:
+    with trimming off the block stays in the heap, so later allocations fault in huge pages).
+    True if the kernel took the advice."""
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    block = libc.malloc(size)
+    if not block:
+        return False
+    start = -(-block // HUGE_PAGE) * HUGE_PAGE
+    end = (block + size) // HUGE_PAGE * HUGE_PAGE
+    ok = libc.madvise(start, end - start, MADV_HUGEPAGE) == 0
+    libc.free(block)
+    return ok
