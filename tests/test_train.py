@@ -262,3 +262,11 @@ def test_unrolled_scan_equals_scan_and_leaves_no_loop(length):
     hlo = jax.jit(lambda c, x: loops.scan(f, c, x, unroll=True)).lower(np.float32(2), xs).compile().as_text()
     assert "while" not in hlo
     assert "while" in jax.jit(lambda c, x: jax.lax.scan(f, c, x)).lower(np.float32(2), xs).compile().as_text()
+
+
+def test_rate_leaves_out_the_compiling_first_call():
+    """The logged steps/s counts from the end of the first call (which compiles): 100 steps in
+    10 s after a 1-step first call of 30 s is 9.9 steps/s, not 101 / 40 s."""
+    from vaekl.train.loop import rate_since_compiled
+    assert rate_since_compiled(100, 1, 10.0, 30.0) == pytest.approx(9.9)
+    assert rate_since_compiled(1, 1, 0.0, 30.0) == pytest.approx(1 / 30)  # only the first call so far

@@ -286,9 +286,13 @@ def train_opened(members: list[Member], config, ds, big, eval_images: dict[str, 
         save(0, evaluated=True)
     else:
         disentanglement_along(start)  # a row lost to a crash, or metric_every set on resuming
-    t_start, step_start = time.perf_counter(), step
+    # The rate counts from the end of the first call, which includes compiling the program.
+    warm: dict[str, float] = {}
+    start_step = step
     curve: list[dict] = []  # per-chunk step metrics since the last training-curve row
     per_call = steps_per_call(config)
+
+    t_first_call = time.perf_counter()
 
     def advance(state, n):
         """n steps, in calls of ``per_call`` steps (or one); metrics name → [members, n]."""
@@ -297,6 +301,11 @@ def train_opened(members: list[Member], config, ds, big, eval_images: dict[str, 
         for size in sizes:
             state, m = fns.run_steps(state, arrays, hp, train_keys, masks, num_steps=size)
             chunks.append(m)
+            if not warm:
+                jax.block_until_ready(state)
+                warm.update(t=time.perf_counter(), steps=size)
+                LOG.info("first call (%d step(s), compiling the program) took %.1f s", size,
+                         warm["t"] - t_first_call)
         chunks = placement.to_host(chunks)
         return state, {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
 
@@ -320,7 +329,8 @@ def train_opened(members: list[Member], config, ds, big, eval_images: dict[str, 
                 m.log_rows([metrics_lib.row(step, TRAIN_CURVE_SPLIT,
                                             {k: np.mean(v[i]) for k, v in steps.items()})])
             curve = []
-        rate = (step - step_start) / (time.perf_counter() - t_start)
+        rate = rate_since_compiled(step - start_step, warm["steps"], time.perf_counter() - warm["t"],
+                                   warm["t"] - t_first_call)
         alive = [i for i, _ in live()]
         LOG.info("step %d/%d  loss %.3f  neg_elbo %.3f  kl %.3f  %.1f steps/s%s  ETA %s",
                  step, config.num_steps, losses[alive].mean(),
@@ -373,6 +383,14 @@ def _boundaries(config: ml_collections.ConfigDict, start: int) -> list[int]:
         (config.metric_every,) if config.metric_every > 0 else ())
     stops = {s for e in every for s in range(e, config.num_steps, e)} | {config.num_steps}
     return sorted(s for s in stops if s > start)
+
+
+def rate_since_compiled(steps: int, first_call_steps: int, seconds_since: float, first_call_seconds: float) -> float:
+    """Steps per second after the first call (which compiles the program); of the first call
+    itself while nothing else has run."""
+    if steps > first_call_steps and seconds_since > 0:
+        return (steps - first_call_steps) / seconds_since
+    return first_call_steps / max(first_call_seconds, 1e-9)
 
 
 def _format_eta(seconds: float) -> str:
