@@ -264,6 +264,23 @@ def test_unrolled_scan_equals_scan_and_leaves_no_loop(length):
     assert "while" in jax.jit(lambda c, x: jax.lax.scan(f, c, x)).lower(np.float32(2), xs).compile().as_text()
 
 
+def test_materialize_keeps_values_and_a_conditional():
+    """loops.materialize returns x unchanged, and its conditional survives compilation (XLA
+    folds a conditional whose branches are the same computation, and the batch would be
+    recomputed in every consumer again)."""
+    x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)
+    f = jax.jit(lambda x, step: jax.numpy.sum(jax.numpy.pad(loops.materialize(jax.numpy.sin(x), step >= 0), 1)))
+    np.testing.assert_array_equal(jax.jit(loops.materialize)(x, np.int32(5) >= 0), x)
+    assert " conditional(" in f.lower(x, np.int32(0)).compile().as_text()
+
+
+def test_conv_steps_materialize_their_batch_on_the_cpu():
+    """Conv models on the CPU ask for the batch in memory; MLPs do not."""
+    from vaekl.train.step import materialize_batch
+    assert materialize_batch(small_config(model="conv"))
+    assert not materialize_batch(small_config())
+
+
 def test_rate_leaves_out_the_compiling_first_call():
     """The logged steps/s counts from the end of the first call (which compiles): 100 steps in
     10 s after a 1-step first call of 30 s is 9.9 steps/s, not 101 / 40 s."""

@@ -15,8 +15,8 @@ import numpy as np
 
 from vaekl import data, loops, objectives, regularizers, sharding
 from vaekl.train.state import group_key
-from vaekl.train.step import (StepConfig, eval_config, evaluate, member_mode, run_steps, step_binarization,
-                              steps_per_call)
+from vaekl.train.step import (StepConfig, eval_config, evaluate, materialize_batch, member_mode, run_steps,
+                              step_binarization, steps_per_call)
 
 
 class Compiled(NamedTuple):
@@ -104,7 +104,8 @@ def _compile_fns(config, graphdef, tx, vmapped, draw, dataset_size, placement, m
     unroll = steps_per_call(config) > 0
 
     def steps(state, arrays, hp, key, latent_mask, num_steps):
-        cfg = StepConfig(config.batch_size, step_binarization(config), static(arrays), draw)
+        cfg = StepConfig(config.batch_size, step_binarization(config), static(arrays), draw,
+                         materialize_batch(config))
         fn = functools.partial(run_steps, num_steps=num_steps, graphdef=graphdef, tx=tx, cfg=cfg,
                                unroll=unroll)
         if vmapped:

@@ -31,6 +31,7 @@ class StepConfig(NamedTuple):
     binarization: str
     objective: objectives.Static
     draw: Callable = data.sample_batch
+    materialize_batch: bool = False  # compute the batch into memory once (loops.materialize)
 
 
 def _scaled(updates, lr):
@@ -43,6 +44,8 @@ def train_step(state: TrainState, arrays, hp: dict, key: jax.Array, latent_mask:
     and the step's scalar metrics."""
     k_batch, k_bin, k_obj = jax.random.split(jax.random.fold_in(key, state.step), 3)
     x = data.binarize(k_bin, cfg.draw(k_batch, arrays, cfg.batch_size), cfg.binarization)
+    if cfg.materialize_batch:
+        x = loops.materialize(x, state.step >= 0)
 
     def loss_fn(params, aux):
         model = nnx.merge(graphdef, params)
@@ -81,6 +84,13 @@ def steps_per_call(config: ml_collections.ConfigDict) -> int:
     if config.steps_per_call:
         return int(config.steps_per_call)
     return 1 if _sequential_on_cpu(config) else 0
+
+
+def materialize_batch(config: ml_collections.ConfigDict) -> bool:
+    """Whether the steps compute their batch into memory before using it
+    (:func:`vaekl.loops.materialize`): for conv models on the CPU, where XLA would recompute a
+    rendered batch inside the convolutions' padding and transposes."""
+    return _sequential_on_cpu(config)
 
 
 def _sequential_on_cpu(config: ml_collections.ConfigDict) -> bool:
