@@ -114,7 +114,8 @@ def markdown(prof: dict, vs: dict | None) -> str:
                 f"{vs['step_gflop'] / vs['matmul_ceiling_gflops']['jax']:.3f} s/step.", ""]
         if "pytorch_keep_freed" in sps:
             out += [f"PyTorch given the allocator setting vaekl's entry points make (`vaekl/host_memory.py`: "
-                    f"glibc keeps freed memory, so a step's buffers are not page-faulted in again) takes "
+                    f"glibc keeps freed memory, so a step's buffers are not page-faulted in again, and backs it "
+                    f"with transparent huge pages) takes "
                     f"{sps['pytorch_keep_freed']:.3f} s/step: against that, PyTorch ÷ vaekl = "
                     f"**{vs['pytorch_keep_freed_over_vaekl']:.2f}×**. Both frameworks lose ~20 ms a step to "
                     "page faults with glibc's defaults; a researcher's PyTorch script has them.", ""]
@@ -152,19 +153,28 @@ def markdown(prof: dict, vs: dict | None) -> str:
             "(`vaekl.models.conv.strided_conv_kernel_grad_matmul`: the `dot_general` to `[128,128]`, with the "
             "phases' transpose `copy_bitcast_fusion` and the shifted cotangent `slice_concatenate_fusion` that "
             "feed it); XLA's own weight gradient there took a transpose of the activations plus a slower "
-            "convolution (step 120.7 → 109.0 ms, A/B in one process). The `transpose_copy_fusion` `[1,64,64,64]` "
-            "and the first layer's weight gradient `[1,4,4,32]` read the batch batch-minor, with dSprites' "
-            "rendering fused into them (XLA:CPU drops `optimization_barrier`, so the batch cannot be "
-            "materialized first).", "",
-            "Tried and not kept (no gain in the step measured side by side): the 1-channel layers as matmuls "
-            "(im2col for the first convolution: its forward 1.0 → 9.2 ms; the last transposed convolution as "
-            "one matmul and shifted sums: forward 6.3 → 3.5 ms alone, the step unchanged), the matmul weight "
-            "gradient on the 16×16 and 8×8 layers or the 1-channel ones (slower), summing the likelihood over "
-            "a flat pixel axis (the scalar reduction 2.5 → 0.26 ms, but XLA then fused the loss gradient "
-            "into a 4-D pad costing as much). What is left between vaekl and the floor: the layout changes "
-            "around the convolutions (phase interleaving, padding, space-to-depth), the elementwise loops "
-            "(bias + ReLU and its gradient at 32×32×32 run at a few GB/s), and the convolutions' own "
-            "efficiency (~90 GFLOP/s for the 32-channel layers against a ~145 GFLOP/s matmul ceiling)."]
+            "convolution (step 120.7 → 109.0 ms, A/B in one process). The one-channel weight gradients (the "
+            "first layer's, and the last layer's through its adjoint) are one matmul of the taps' strided "
+            "slices (`strided_conv_kernel_grad_taps`, the `dot_general` to `[16,32]`), and the last transposed "
+            "convolution is one stride-1 convolution over its four phases' shared window (`_by_one_conv`, "
+            "output `[64,32,32,4]`): 7.7 → 3.0 ms forward, where each phase alone was a matrix-vector "
+            "product. The batch is rendered into memory once (`vaekl.loops.materialize`), where XLA used to "
+            "re-render dSprites inside each padding or transpose that read it (step 3.6 % faster). The "
+            "process backs its heap with transparent huge pages (`vaekl.host_memory`): 131 → 120 ms a step "
+            "with both cores busy.", "",
+            "Tried and not kept (no gain in the step measured side by side): im2col for the first "
+            "convolution's forward (1.0 → 9.2 ms), the matmul weight gradient on the 16×16 and 8×8 layers "
+            "(slower), a 2×2 stride-1 convolution over space-to-depth input for the strided layers (32×32×32: "
+            "5.1 → 11.3 ms with the rearrangement, 8.2 without), the ReLU's gradient from its output instead "
+            "of its input (no change), YNNPACK's elementwise fusions (`--xla_cpu_experimental_ynn_fusion_type"
+            "=+eltwise`: 141 → 180 ms), reductions outside YNNPACK (`-reduce`: slower), summing the "
+            "likelihood over a flat pixel axis (XLA then fused the loss gradient into a 4-D pad costing as "
+            "much). Eigen's dots instead of YNNPACK's (`-individual_dot`) were ~3 % faster in the step, but "
+            "the flag is process-wide and would change every model's dots, so it is left to the user. What "
+            "is left between vaekl and the floor: the layout changes around the convolutions (phase "
+            "interleaving, padding, space-to-depth), the elementwise loops (bias + ReLU and its gradient at "
+            "32×32×32 run at a few GB/s), and the convolutions' own efficiency (~90 GFLOP/s for the 32-channel "
+            "layers against a ~145 GFLOP/s matmul ceiling)."]
     return "\n".join(out) + "\n"
 
 

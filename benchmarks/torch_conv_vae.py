@@ -10,8 +10,9 @@ locatello_dsprites.py:beta_vae``: 64×64×1 binary images, encoder 4 × [4×4 st
     python benchmarks/torch_conv_vae.py --steps 20 --threads 1 [--layers] [--keep_freed_memory]
 
 ``--keep_freed_memory`` gives PyTorch the glibc allocator setting vaekl's entry points use
-(``vaekl/host_memory.py``, loaded by path so that this interpreter needs no jax): PyTorch's
-step page-faults its freed buffers back in too, and is faster with it.
+(``vaekl/host_memory.py``, loaded by path so that this interpreter needs no jax: freed memory
+kept, the heap backed by transparent huge pages): PyTorch's step page-faults its freed buffers
+back in too, and is faster with it.
 """
 
 from __future__ import annotations
