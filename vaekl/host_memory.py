@@ -20,7 +20,9 @@ It also backs that heap with transparent huge pages where the kernel gives them 
 again, so the blocks XLA allocates next are carved from 2 MiB pages (one TLB entry where
 there were 512). Measured on the conv VAE's step, both cores of this 2-core machine busy, one
 process pinned to each: 131 → 120 ms per step (median of 4 side-by-side pairs, every pair
-faster). Untouched, the reservation is address space only; ``VAEKL_HUGE_PAGES=0`` leaves it out.
+faster). Untouched, the reservation is address space only (it is skipped where the kernel
+counts address space against a commit limit, ``vm.overcommit_memory = 2``);
+``VAEKL_HUGE_PAGES=0`` leaves it out.
 
 Entry points call it (:func:`vaekl.cli.main`); ``VAEKL_KEEP_FREED_MEMORY=0`` turns it all off.
 Elsewhere than Linux with glibc it does nothing.
@@ -65,7 +67,8 @@ def keep_freed_memory() -> bool:
                         libc.mallopt(M_ARENA_MAX, 1)])
     except (OSError, AttributeError) as e:  # no libc to load, or one without mallopt
         LOG.debug("mallopt unavailable: %s", e)
-    if _applied and os.environ.get("VAEKL_HUGE_PAGES", "1") != "0" and thp_mode() == "madvise":
+    if (_applied and os.environ.get("VAEKL_HUGE_PAGES", "1") != "0" and thp_mode() == "madvise"
+            and not _strict_overcommit()):
         reserve_huge_pages(libc)
     return _applied
 
@@ -78,6 +81,16 @@ def thp_mode() -> str:
     except OSError:
         return ""
     return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+
+
+def _strict_overcommit() -> bool:
+    """Whether the kernel counts every mapped byte against a commit limit
+    (``vm.overcommit_memory = 2``), where the reservation would cost each process 1 GiB of it."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "2"
+    except OSError:
+        return False
 
 
 def reserve_huge_pages(libc, size: int = HUGE_PAGE_RESERVE) -> bool:
