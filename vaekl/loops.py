@@ -38,8 +38,9 @@ def materialize(x: jax.Array, true: jax.Array) -> jax.Array:
     convolution's padding and transposes, loops that XLA:CPU runs slowly when they compute
     the rendering per element. ``lax.optimization_barrier`` would say the same, but XLA:CPU
     drops it. The conv VAE's training step on one core: 3 % faster (paired, 60 alternating
-    steps of both programs). Under ``vmap`` with a batched ``true`` the conditional becomes a
-    select of two equal values, which XLA removes."""
+    steps of both programs). Meant for unbatched code (the trainer uses it where a group's
+    members run one after another): under ``vmap`` a batched ``true`` turns the conditional
+    into a select."""
     # Both branches give x; identical branches would be folded away with the conditional.
     return jax.lax.cond(true, lambda v: v, lambda v: v + jnp.zeros((), v.dtype), x)
 
