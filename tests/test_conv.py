@@ -141,6 +141,9 @@ def test_run_map_sequential_equals_vmap():
     b = jax.jit(loops.run_map(f, (0, None, 0), "sequential"))(states, shared, hp)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    # Members in order: each after the previous one, through a conditional XLA keeps (2 for 3 members).
+    hlo = jax.jit(loops.run_map(f, (0, None, 0), "sequential")).lower(states, shared, hp).compile().as_text()
+    assert hlo.count(" conditional(") == 2
     with pytest.raises(ValueError, match="disagree on the run axis"):
         loops.run_map(f, (0, None, 0), "sequential")(states, shared, hp[:2])
     with pytest.raises(ValueError, match="unknown member mode 'loop'"):
