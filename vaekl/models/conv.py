@@ -10,13 +10,14 @@ and for the weight gradient of a convolution with few output channels. Measured 
 (batch 64, the 64×64 model; ``benchmarks/bench_vs_pytorch.py --layers``):
 
   encoder 32×32×32→32, input gradient: 29.8 ms (autodiff) → 6.9 ms (by phases, below);
-  decoder 32×32×32→1, weight gradient: 17.4 ms (autodiff) → 2.7 ms (space-to-depth sums);
+  decoder 32×32×32→1, weight gradient: 17.4 ms (autodiff) → 1.8 ms (one matmul of the
+  cotangent's strided slices, :func:`strided_conv_kernel_grad_taps`);
   decoder 32×32×32→1, input gradient: 5.6 ms → 0.9 ms (the adjoint strided convolution);
   the two 32×32×32→32 weight gradients as one matmul each: training step 120.7 → 109.0 ms;
   decoder 32×32×32→1, forward: 7.7 ms (four phases, each a matrix-vector product) → 3.0 ms
   (one convolution over the phases' shared window, :func:`_by_one_conv`);
-  64×64×1→32 weight gradient: 3.7 ms → 1.8 ms (strided slices and one matmul); with the
-  previous line, the training step 3 % faster (paired, 40 alternating steps of both programs).
+  encoder 64×64×1→32, weight gradient: 3.7 ms → 1.8 ms (the same); with the previous line,
+  the training step 3 % faster (paired, 40 alternating steps of both programs).
 
 So on the CPU each layer is a ``jax.custom_vjp`` whose backward pass is made of the fast
 forward kinds: the input gradient of a strided convolution is the transposed convolution of
@@ -43,8 +44,11 @@ from jax import lax
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "native", "cpu")
-# A transposed convolution's weight gradient by space-to-depth sums when it has fewer output
-# channels than this; XLA's own otherwise (measured: 1 channel 2.7 vs 17.4 ms, 32: 45.9 vs 11.9).
+# A transposed convolution with fewer output channels than this runs as one convolution
+# (_by_one_conv) and takes its weight gradient from strided slices (strided_conv_kernel_grad_taps);
+# with more, by phases and XLA's or the matmul gradient. Measured at 1 and 3 channels (the
+# images') and 32; the bound is the one measured for the space-to-depth sums the slices replaced
+# (1 channel 2.7 vs 17.4 ms, 32: 45.9 vs 11.9).
 SMALL_OUT_CHANNELS = 8
 
 
@@ -193,38 +197,25 @@ def _same_pads(k: int, s: int) -> tuple[int, int]:
     return (k - s) // 2, k - s - (k - s) // 2
 
 
-def strided_conv_kernel_grad(x: jax.Array, g: jax.Array, kernel_size: Sequence[int],
-                             strides: Sequence[int]) -> jax.Array:
-    """∂⟨g, conv(x, W)⟩/∂W for the 'SAME' strided convolution, [kh, kw, C, O], as sums over
-    space-to-depth slices: with x padded and split into s×s phases, tap (a·s + p) of the
-    kernel meets phase p shifted by a, so each of the (k/s)² shifts is one contraction over
-    batch and space. Reads x (k/s)² times; fast where XLA's own weight gradient is not (few
-    output channels)."""
+def _pad_same(x: jax.Array, kernel_size: Sequence[int], strides: Sequence[int]) -> jax.Array:
+    """x [B, H, W, C] zero-padded as the 'SAME' strided convolution pads it."""
     (kh, kw), (sh, sw) = kernel_size, strides
-    b, h, w, c = x.shape
-    ho, wo, o = g.shape[1:]
-    (lo_h, hi_h), (lo_w, hi_w) = _same_pads(kh, sh), _same_pads(kw, sw)
-    xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
-    mh, mw = kh // sh, kw // sw
-    xs = xp.reshape(b, ho + mh - 1, sh, wo + mw - 1, sw, c)
-    parts = jnp.stack([jnp.stack([jnp.einsum("byrxqc,byxo->rqco", xs[:, a:a + ho, :, d:d + wo], g)
-                                  for d in range(mw)]) for a in range(mh)])   # [mh, mw, sh, sw, C, O]
-    return parts.transpose(0, 2, 1, 3, 4, 5).reshape(kh, kw, c, o)
+    return jnp.pad(x, ((0, 0), _same_pads(kh, sh), _same_pads(kw, sw), (0, 0)))
 
 
 def strided_conv_kernel_grad_taps(x: jax.Array, g: jax.Array, kernel_size: Sequence[int],
                                   strides: Sequence[int]) -> jax.Array:
     """∂⟨g, conv(x, W)⟩/∂W for the 'SAME' strided convolution, [kh, kw, C, O], as one matmul
     of the taps' strided slices of x, stacked tap- and channel-major [(kh, kw, C), (B, H', W')],
-    with g [(B, H', W'), O]: no transpose of g. For x with one channel (the image side of the
-    64×64 model: its first layer, and its last layer's gradient), where the slices are cheap:
-    measured on one core at batch 64, 64×64×1→32, 3.7 ms (XLA's) → 1.8 ms; at 3 channels it
-    is slower than XLA's (7.5 vs 6.8 ms)."""
+    with g [(B, H', W'), O]: no transpose of g. For x with few channels (the image side of the
+    64×64 model), where the slices are cheap. Measured on one core at batch 64, 64×64×C→32:
+    at C = 1 1.8 ms against XLA's 3.7 and the space-to-depth sums' 3.9 (which this replaced);
+    at C = 3 7.5 ms against 6.8 and 8.7, so a strided convolution with 3 input channels keeps
+    XLA's, and a transposed one with 3 output channels uses this."""
     (kh, kw), (sh, sw) = kernel_size, strides
     c = x.shape[3]
     ho, wo, o = g.shape[1:]
-    (lo_h, hi_h), (lo_w, hi_w) = _same_pads(kh, sh), _same_pads(kw, sw)
-    xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+    xp = _pad_same(x, kernel_size, strides)
     cols = jnp.stack([jnp.moveaxis(xp[:, i:i + sh * ho:sh, j:j + sw * wo:sw], 3, 0)
                       for i in range(kh) for j in range(kw)])                  # [kh·kw, C, B, H', W']
     m = jnp.dot(cols.reshape(kh * kw * c, -1), g.reshape(-1, o), preferred_element_type=x.dtype)
@@ -255,10 +246,9 @@ def strided_conv_kernel_grad_matmul(x: jax.Array, g: jax.Array, kernel_size: Seq
     (kh, kw), (sh, sw) = kernel_size, strides
     b, h, w, c = x.shape
     ho, wo, o = g.shape[1:]
-    (lo_h, hi_h), (lo_w, hi_w) = _same_pads(kh, sh), _same_pads(kw, sw)
     mh, mw = kh // sh, kw // sw
     gh, gw = ho + mh - 1, wo + mw - 1                   # the phase grid
-    xp = jnp.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+    xp = _pad_same(x, kernel_size, strides)
     xs = xp.reshape(b, gh, sh, gw, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * gh * gw, sh * sw * c)
     p = b * gh * gw
     gt = jnp.pad(jnp.moveaxis(g, 3, 0), ((0, 0), (0, 0), (0, mh - 1), (0, mw - 1))).reshape(o, p)
@@ -309,10 +299,8 @@ def _conv_transpose_cpu_bwd(strides, res, g):
     x, kernel = res
     dx = conv_native(g, flip_swap(kernel), strides, "SAME")
     # ⟨g, convT(x, W)⟩ = ⟨conv(g, flip_swap(W)), x⟩: the strided conv's weight gradient.
-    if kernel.shape[-1] == 1:
+    if kernel.shape[-1] < SMALL_OUT_CHANNELS:
         dk = flip_swap(strided_conv_kernel_grad_taps(g, x, kernel.shape[:2], strides))
-    elif kernel.shape[-1] < SMALL_OUT_CHANNELS:
-        dk = flip_swap(strided_conv_kernel_grad(g, x, kernel.shape[:2], strides))
     elif matmul_kernel_grad_pays(g.shape, kernel.shape[-2]):
         dk = flip_swap(strided_conv_kernel_grad_matmul(g, x, kernel.shape[:2], strides))
     else:
