@@ -11,7 +11,8 @@ vmapped) against one model, seconds per model-step; with ``--layers`` each layer
 forward + backward time in both frameworks (the table in docs/performance.md).
 
 Rounds alternate between the frameworks (vaekl's steps, then PyTorch's, …) so that a busy
-machine slows both alike; the medians over all steps are compared. PyTorch runs twice: as a
+machine slows both alike; the medians over all steps are compared, and each round's ratio is
+kept (``over_vaekl_by_round``, ``group_over_one_by_round``) for the spread. PyTorch runs twice: as a
 researcher would run it (glibc's default allocator) and with the allocator setting vaekl's
 entry points make (``vaekl/host_memory.py``: freed memory kept, no page faults per step),
 so that the ratio is shown with and without that advantage.
@@ -150,13 +151,16 @@ def main() -> None:
     jax_peak = 2 * n**3 / float(np.median(median_times(lambda: jax.block_until_ready(mm(a)), 10))) / 1e9
 
     times = {"vaekl": [], **{name: [] for name in workers}}
+    rounds = {k: [] for k in times}  # each round's median, for the spread of the ratios
     one()  # compile
     for worker in workers.values():
         worker.ask(f"steps {1}")
     for _ in range(args.rounds):
-        times["vaekl"] += [t / per_call for t in median_times(one, max(1, args.steps // per_call))]
-        for name, worker in workers.items():
-            times[name] += worker.ask(f"steps {args.steps}")
+        got = {"vaekl": [t / per_call for t in median_times(one, max(1, args.steps // per_call))]}
+        got.update({name: worker.ask(f"steps {args.steps}") for name, worker in workers.items()})
+        for k, v in got.items():
+            times[k] += v
+            rounds[k].append(float(np.median(v)))
     res = {"device": jax.devices()[0].device_kind, "core": core, "jax": jax.__version__, "steps_per_call": per_call,
            "step_gflop": flops / 1e9, "matmul_ceiling_gflops": {"jax": jax_peak},
            "seconds_per_step": {k: float(np.median(v)) for k, v in times.items() if v}}
@@ -165,6 +169,8 @@ def main() -> None:
         res["matmul_ceiling_gflops"]["pytorch"] = torch.ask("matmul")
         for name in workers:
             res[f"{name}_over_vaekl"] = res["seconds_per_step"][name] / res["seconds_per_step"]["vaekl"]
+        res["over_vaekl_by_round"] = {name: [p / v for p, v in zip(rounds[name], rounds["vaekl"])]
+                                      for name in workers}
     res["gflops"] = {k: flops / 1e9 / v for k, v in res["seconds_per_step"].items()}
 
     where = f"one core ({core}), one thread each" if core is not None else res["device"]
@@ -175,20 +181,23 @@ def main() -> None:
         print(f"  {k:18s} {v:.4f} s/step  {res['gflops'][k]:6.1f} GFLOP/s  "
               f"{res['gflops'][k] / jax_peak:5.1%} of the matmul ceiling")
     if torch:
-        print(f"  PyTorch ÷ vaekl: {res['pytorch_over_vaekl']:.2f}× (above 1: vaekl faster)" +
-              (f"; PyTorch with freed memory kept ÷ vaekl: {res['pytorch_keep_freed_over_vaekl']:.2f}×"
-               if "pytorch_keep_freed" in workers else ""))
+        spread = lambda name: "{:.2f}–{:.2f}".format(*_range(res["over_vaekl_by_round"][name]))  # noqa: E731
+        print(f"  PyTorch ÷ vaekl: {res['pytorch_over_vaekl']:.2f}× (rounds {spread('pytorch')}; above 1: vaekl "
+              "faster)" + (f"; PyTorch with freed memory kept ÷ vaekl: {res['pytorch_keep_freed_over_vaekl']:.2f}× "
+                           f"(rounds {spread('pytorch_keep_freed')})" if "pytorch_keep_freed" in workers else ""))
 
     save(args.out, res)  # what is measured so far survives a time limit on what follows
     if args.group > 1:
         modes = args.group_modes.split(",")
         res["group_size"] = args.group
-        res["group"] = group_times(conv_step, setup, args.group, args.rounds, args.steps, one, per_call, modes)
+        res["group"], res["group_over_one_by_round"] = group_times(conv_step, setup, args.group, args.rounds,
+                                                                   args.steps, one, per_call, modes)
         save(args.out, res)
         g = res["group"]
         print(f"group of {args.group} in one program, seconds per model-step (one model: {g['one']:.4f}):")
         for mode in modes:
-            print(f"  {mode:10s} {g[mode]:.4f}  ({g[mode] / g['one']:.2f}× one model's)")
+            lo, hi = _range(res["group_over_one_by_round"][mode])
+            print(f"  {mode:10s} {g[mode]:.4f}  ({g[mode] / g['one']:.2f}× one model's; rounds {lo:.2f}–{hi:.2f})")
     if args.layers:
         res["layers"] = {"vaekl": conv_step.layer_times(args.steps * args.rounds)}
         if torch:
@@ -205,19 +214,29 @@ def save(path: str, res: dict) -> None:
             json.dump(res, f, indent=1)
 
 
+def _range(values: list[float]) -> tuple[float, float]:
+    return min(values), max(values)
+
+
 def group_times(conv_step, setup, r: int, rounds: int, steps: int, one, per_call: int,
-                modes=("sequential", "vmap")) -> dict[str, float]:
+                modes=("sequential", "vmap")) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(seconds per model-step of one model and of each mode's group of ``r``, medians over all
+    rounds; {mode: each round's group ÷ one ratio})."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     fns = {mode: conv_step.compiled_step(setup, group=r, members=mode, num_steps=per_call) for mode in modes}
     for fn in fns.values():
         fn()
     calls = max(1, steps // per_call)
     t = {"one": [], **{mode: [] for mode in modes}}
+    by_round = {mode: [] for mode in modes}
     for _ in range(rounds):
-        t["one"] += [x / per_call for x in median_times(one, calls)]
+        one_round = [x / per_call for x in median_times(one, calls)]
+        t["one"] += one_round
         for mode, fn in fns.items():
-            t[mode] += [x / r / per_call for x in median_times(fn, max(1, calls // 2))]
-    return {k: float(np.median(v)) for k, v in t.items()}
+            got = [x / r / per_call for x in median_times(fn, max(1, calls // 2))]
+            t[mode] += got
+            by_round[mode].append(float(np.median(got) / np.median(one_round)))
+    return {k: float(np.median(v)) for k, v in t.items()}, by_round
 
 
 def print_layers(layers: dict) -> None:

@@ -96,6 +96,12 @@ def profile(steps: int, top: int = 20) -> dict:
             "top_kernels": top, "kernels": len(per)}
 
 
+def _rounds(vs: dict, name: str, lead: str = "; ") -> str:
+    """'; rounds a–b×': the spread of a ratio over the benchmark's rounds ('' if not recorded)."""
+    r = vs.get("over_vaekl_by_round", {}).get(name)
+    return f"{lead}rounds {min(r):.2f}–{max(r):.2f}×{')' if lead == ' (' else ''}" if r else ""
+
+
 def markdown(prof: dict, vs: dict | None) -> str:
     """docs/performance.md from the profile and bench_vs_pytorch.py's JSON (None: left out)."""
     out = ["# Where the conv VAE's CPU step spends its time", "",
@@ -108,7 +114,7 @@ def markdown(prof: dict, vs: dict | None) -> str:
         sps = vs["seconds_per_step"]
         out += [f"## The step against PyTorch ({vs.get('torch', 'PyTorch')}, the same core)", "",
                 f"vaekl {sps['vaekl']:.3f} s/step, PyTorch {sps['pytorch']:.3f} s/step: PyTorch ÷ vaekl "
-                f"= **{vs['pytorch_over_vaekl']:.2f}×** (above 1: vaekl faster). A step is "
+                f"= **{vs['pytorch_over_vaekl']:.2f}×** (above 1: vaekl faster{_rounds(vs, 'pytorch')}). A step is "
                 f"{vs['step_gflop']:.2f} GFLOP; the matmul ceiling measured in that run: "
                 f"{vs['matmul_ceiling_gflops']['jax']:.0f} GFLOP/s, so the floor is "
                 f"{vs['step_gflop'] / vs['matmul_ceiling_gflops']['jax']:.3f} s/step.", ""]
@@ -117,7 +123,7 @@ def markdown(prof: dict, vs: dict | None) -> str:
                     f"glibc keeps freed memory, so a step's buffers are not page-faulted in again, and backs it "
                     f"with transparent huge pages) takes "
                     f"{sps['pytorch_keep_freed']:.3f} s/step: against that, PyTorch ÷ vaekl = "
-                    f"**{vs['pytorch_keep_freed_over_vaekl']:.2f}×**. Both frameworks lose ~20 ms a step to "
+                    f"**{vs['pytorch_keep_freed_over_vaekl']:.2f}×**{_rounds(vs, 'pytorch_keep_freed', ' (')}. Both frameworks lose ~20 ms a step to "
                     "page faults with glibc's defaults; a researcher's PyTorch script has them.", ""]
         out += [
                 "| layer | vaekl fwd [ms] | vaekl fwd+bwd | vaekl fwd+bwd, XLA's native gradients | "
@@ -137,9 +143,12 @@ def markdown(prof: dict, vs: dict | None) -> str:
                  "The layers alone account for the step's difference."), ""]
         if "group_size" in vs:
             g = vs["group"]
+            spread = vs.get("group_over_one_by_round", {})
             out += [f"A group of {vs['group_size']} models in one compiled program: "
                     + ", ".join(f"{mode} {g[mode]:.3f} s per model-step ({g[mode] / g['one']:.2f}× one model's "
-                                f"{g['one']:.3f})" for mode in g if mode != "one") + ".", ""]
+                                f"{g['one']:.3f}" + (f"; rounds {min(spread[mode]):.2f}–{max(spread[mode]):.2f}×"
+                                                     if mode in spread else "") + ")"
+                                for mode in g if mode != "one") + ".", ""]
     kt = prof["kernels_ms_per_step"]
     out += [f"## Inside vaekl's compiled step (XLA:CPU profile, {prof['device']}, jax {prof['jax']})", "",
             f"{prof['seconds_per_step']:.3f} s/step measured, {kt:.0f} ms of kernels per step in "

@@ -30,3 +30,9 @@ def test_performance_page_from_a_profile_and_the_pytorch_comparison(tmp_path):
     assert "floor is 0.050 s/step" in md
     assert "XLA_FLAGS" not in os.environ or "xla_dump_to" not in os.environ["XLA_FLAGS"]  # importing changed nothing
     assert "## The step against PyTorch" not in prof.markdown(profile, None)
+    # The spread over the benchmark's rounds, where it was recorded.
+    vs.update(over_vaekl_by_round={"pytorch": [0.7, 0.8, 0.76]}, group_size=4,
+              group={"one": 0.2, "sequential": 0.21}, group_over_one_by_round={"sequential": [1.01, 1.08]})
+    md = prof.markdown(profile, vs)
+    assert "**0.75×** (above 1: vaekl faster; rounds 0.70–0.80×)" in md
+    assert "sequential 0.210 s per model-step (1.05× one model's 0.200; rounds 1.01–1.08×)" in md
